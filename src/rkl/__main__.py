@@ -1,0 +1,3 @@
+from rkl.cli import app
+
+app()

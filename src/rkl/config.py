@@ -1,0 +1,233 @@
+"""RecursiveConfig: the one configuration object of an rkl run.
+
+A stage file under configs/ (baseline.json, after_surgery.json, recursive_phase_a.json, ...) is a JSON
+object of these fields; anything left out takes the default below. Fields are grouped:
+
+- recursion (what the sidecar is and how the inner loop runs),
+- losses (the lambda_* weights of the six refinement losses),
+- corruption / scheduled sampling (how training chunks are made),
+- phases B and C (LoRA, unfreezing, L2 pull to pretrained weights),
+- optimisation and run control (steps, batch, learning rates, intervals, data, seed).
+
+Every field is validated by type, range and allowed values; `validate()` returns every problem at once and
+`from_dict` raises ConfigError naming the keys, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rkl.errors import ConfigError
+
+
+def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+       choices: tuple | None = None, factory: Any = None) -> Any:
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+CACHE_POLICIES = ("keep_kda_recurrent_reset_mla", "reset_all", "keep_all")
+SCHEDULES = ("none", "linear", "cosine")
+
+
+@dataclass
+class RecursiveConfig:
+    # --- recursion -------------------------------------------------------------------------------------
+    recursive_enabled: bool = _f(True, "Build the sidecar and refine chunks; False = the plain base model.")
+    chunk_width: int = _f(16, "W: tokens per chunk that are drafted, refined and then committed.", lo=1)
+    max_inner_steps: int = _f(4, "K: inner refinement steps per chunk (upper bound; the commit head may stop early).", lo=1)
+    commit_threshold: float = _f(0.9, "Commit when p_commit >= this at the first inner step.", lo=0.0, hi=1.0)
+    min_commit_threshold: float = _f(0.5, "The threshold falls linearly to this value at step K (must be <= commit_threshold).", lo=0.0, hi=1.0)
+    layers_to_refine: list[int] | None = _f(None, "Decoder layer indices that get a refine cell; null = every layer.", factory=None)
+    refine_cell_type: str = _f("pooled", "'pooled': one delta per layer broadcast over the chunk (the spec); 'per_token': one delta per position.", choices=("pooled", "per_token"))
+    use_latent_token: bool = _f(False, "Append a learned [Z] embedding after the chunk; the boundary head reads its hidden state.")
+    d_state: int = _f(64, "Size of each refine cell's recurrent (GRU) state.", lo=1)
+    gate_hidden: int = _f(64, "Hidden width of the refine cell's input MLP and of the boundary head.", lo=1)
+    max_chunk_len: int = _f(64, "Largest chunk the length head can express (classes 1..max_chunk_len); >= chunk_width.", lo=1)
+    cache_reset_policy: str = _f("keep_kda_recurrent_reset_mla", "How each inner step starts: from the chunk-start snapshot (default), re-running prefix+chunk (reset_all, slow reference), or continuing the live cache (keep_all).", choices=CACHE_POLICIES)
+    enable_length_head: bool = _f(True, "Let the length head choose how many tokens to commit; False = always commit the whole chunk.")
+    use_soft_tokens: bool = _f(False, "Feed editable positions the probability-weighted embedding instead of the argmax token.")
+    # --- losses ----------------------------------------------------------------------------------------
+    lambda_final: float = _f(1.0, "Weight of the final-step CE at loss positions.", lo=0.0)
+    lambda_masked: float = _f(0.5, "Weight of the deep-supervision CE averaged over inner steps.", lo=0.0)
+    lambda_halt: float = _f(0.1, "Weight of the halting BCE.", lo=0.0)
+    lambda_len: float = _f(0.1, "Weight of the length-head CE.", lo=0.0)
+    lambda_ponder: float = _f(0.01, "Weight of the ponder cost (expected inner steps).", lo=0.0)
+    lambda_stability: float = _f(0.01, "Weight of the KL between successive steps' predictions.", lo=0.0)
+    # --- corruption and scheduled sampling -------------------------------------------------------------
+    corruption_rate: float = _f(0.3, "Fraction of chunk positions corrupted at the start of training.", lo=0.0, hi=1.0)
+    corruption_rate_final: float = _f(0.15, "Corruption fraction at the end of training (with a schedule).", lo=0.0, hi=1.0)
+    corruption_schedule: str = _f("linear", "How the rate moves from corruption_rate to corruption_rate_final.", choices=SCHEDULES)
+    corruption_mask: str = _f("random", "'random' positions or contiguous 'span's.", choices=("random", "span"))
+    scheduled_sampling: str = _f("none", "Schedule of the probability that a training chunk is the model's own draft.", choices=SCHEDULES)
+    scheduled_sampling_final: float = _f(0.0, "Draft probability reached at the end of training.", lo=0.0, hi=1.0)
+    # --- phases B and C ----------------------------------------------------------------------------------
+    lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0)
+    lora_alpha: int = _f(16, "LoRA alpha.", lo=1)
+    lora_layers: str = _f("top_third", "Which layers get LoRA: 'top_third' or 'all'.", choices=("top_third", "all"))
+    unfreeze_every: int = _f(0, "Unfreeze every n-th decoder layer (phase C: 4); 0 = base stays frozen.", lo=0)
+    l2_to_pretrained: float = _f(0.0, "Weight of the L2 pull of unfrozen weights toward their pretrained values.", lo=0.0)
+    # --- optimisation and run control ------------------------------------------------------------------
+    steps: int = _f(200, "Optimizer steps of a training run.", lo=1)
+    batch_size: int = _f(8, "Sequences (or chunks) per micro-batch.", lo=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", lo=1)
+    seq_len: int = _f(128, "Tokens per training sequence (pretrain / vanilla); prefix+chunk budget for phases.", lo=2)
+    lr: float = _f(3e-3, "Learning rate of base weights when they train (pretrain, vanilla).", lo=0.0)
+    lr_refine: float = _f(3e-4, "Learning rate of the refine cells.", lo=0.0)
+    lr_boundary: float = _f(5e-4, "Learning rate of the boundary head.", lo=0.0)
+    lr_latent: float = _f(3e-4, "Learning rate of the latent token.", lo=0.0)
+    lr_lora: float = _f(1e-5, "Learning rate of LoRA adapters.", lo=0.0)
+    lr_unfrozen: float = _f(1e-5, "Learning rate of unfrozen base layers (phase C).", lo=0.0)
+    warmup_steps: int = _f(20, "Linear warmup steps before the cosine decay.", lo=0)
+    min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of each group's peak lr.", lo=0.0, hi=1.0)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", lo=0.0)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (large models).")
+    log_interval: int = _f(10, "Steps between TensorBoard scalars.", lo=1)
+    eval_interval: int = _f(50, "Steps between validation passes.", lo=1)
+    eval_batches: int = _f(4, "Validation micro-batches per evaluation.", lo=1)
+    save_interval: int = _f(100, "Steps between checkpoints (the last step always saves).", lo=1)
+    data: str = _f("mix", "Training data: 'mix' (stdlib+shakespeare+arithmetic), 'stdlib', 'shakespeare', 'arithmetic', a datasets name, or a local text/json/parquet file.")
+    arithmetic_digits: int = _f(3, "Digits per operand of the generated arithmetic set.", lo=1, hi=12)
+    seed: int = _f(0, "Seed of every RNG of the run.", lo=0)
+
+    # ----------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        problems = self.validate()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, one string each naming the key (empty when valid)."""
+        problems = []
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            problem = _check_type(value, hints[f.name])
+            if problem:
+                problems.append(f"{f.name}: {problem}")
+                continue
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                problems.append(f"{f.name}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and not math.isfinite(value):
+                    problems.append(f"{f.name}: must be finite, got {value}")
+                if meta.get("lo") is not None and value < meta["lo"]:
+                    problems.append(f"{f.name}: {value} is below the minimum {meta['lo']}")
+                if meta.get("hi") is not None and value > meta["hi"]:
+                    problems.append(f"{f.name}: {value} is above the maximum {meta['hi']}")
+        if not problems:
+            if self.min_commit_threshold > self.commit_threshold:
+                problems.append("min_commit_threshold: must be <= commit_threshold")
+            if self.chunk_width > self.max_chunk_len:
+                problems.append(f"chunk_width: {self.chunk_width} exceeds max_chunk_len {self.max_chunk_len}")
+            if self.layers_to_refine is not None:
+                if any(i < 0 for i in self.layers_to_refine):
+                    problems.append("layers_to_refine: layer indices must be >= 0")
+                if len(set(self.layers_to_refine)) != len(self.layers_to_refine):
+                    problems.append("layers_to_refine: duplicate layer index")
+        return problems
+
+    # --- (de)serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RecursiveConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        # Keys starting with "_" are comments (JSON has none of its own).
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        # JSON has one number type: accept 3 for a float field, never 3.0 for an int field.
+        hints = typing.get_type_hints(cls)
+        coerced = {k: float(v) if hints[k] is float and type(v) is int else v for k, v in data.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RecursiveConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+    def with_overrides(self, assignments: list[str]) -> "RecursiveConfig":
+        """Apply `key=value` strings (values parsed as JSON, else taken as a string)."""
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got {item!r}")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            data[key] = value
+        return type(self).from_dict(data)
+
+    def replace(self, **changes: Any) -> "RecursiveConfig":
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def field_docs(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, doc) of every field, for the README and `--help`."""
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            rows.append((f.name, _type_name(hints[f.name]), default, f.metadata["doc"]))
+        return rows
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(value: Any, tp: Any) -> str | None:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return f"expected a list of {item.__name__}, got {type(value).__name__}"
+        bad = [v for v in value if _check_type(v, item)]
+        return f"expected a list of {item.__name__}, got items {bad!r}" if bad else None
+    if tp is float:
+        ok = isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool))
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    return None if ok else f"expected {tp.__name__}, got {type(value).__name__} {value!r}"

@@ -1,0 +1,88 @@
+"""Base models: a checkpoint folder or a preset name -> KimiLinearForCausalLM (+ its tokenizer).
+
+Always the native transformers class (model_type `kimi_linear`): it reads the published Kimi-Linear folders
+(original tensor names are converted on load) and, unlike the folders' own remote code, trains.
+Presets are KimiLinearConfig fields in configs/models/<name>.json and build a randomly initialised model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, KimiLinearConfig, KimiLinearForCausalLM, PreTrainedTokenizerBase
+
+from rkl.errors import UserError
+from rkl.paths import configs_dir
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "models").glob("*.json"))
+
+
+def preset_config(name: str) -> KimiLinearConfig:
+    path = configs_dir() / "models" / f"{name}.json"
+    if not path.is_file():
+        raise UserError(f"no model preset '{name}' (presets: {', '.join(preset_names())})")
+    fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return KimiLinearConfig(**fields)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}' (use one of: {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def check_kimi_linear_folder(path: Path) -> None:
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/config.json cannot be read: {e}") from None
+    if model_type != "kimi_linear":
+        raise UserError(f"{path} holds a '{model_type}' model; rkl needs a Kimi-Linear checkpoint (model_type 'kimi_linear')")
+
+
+def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
+              seed: int = 0) -> tuple[KimiLinearForCausalLM, PreTrainedTokenizerBase | None]:
+    """Load a checkpoint folder (with its tokenizer, if it has one) or build a preset (no tokenizer)."""
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(model)
+    if path.is_dir():
+        if not is_checkpoint_dir(path):
+            raise UserError(f"{path} has no config.json: not a model checkpoint folder")
+        check_kimi_linear_folder(path)
+        kwargs = {"dtype": torch_dtype or "auto"}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        base = KimiLinearForCausalLM.from_pretrained(path, **kwargs)
+        return base, load_tokenizer(path)
+    if str(model) in preset_names():
+        torch.manual_seed(seed)
+        base = KimiLinearForCausalLM(preset_config(str(model)))
+        if torch_dtype is not None:
+            base = base.to(torch_dtype)
+        if device_map not in (None, "cpu"):
+            base = base.to("cuda" if device_map == "auto" else device_map)
+        return base, None
+    raise UserError(f"'{model}' is neither a checkpoint folder nor a preset (presets: {', '.join(preset_names())}); "
+                    "train the base first with `rkl train --phase pretrain`")
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The folder's tokenizer, or None when it has none. Published Kimi folders ship tiktoken remote code."""
+    has_tokenizer = any((path / name).exists() for name in
+                        ("tokenizer.json", "tokenizer_config.json", "tiktoken.model"))
+    if not has_tokenizer:
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=(path / "tiktoken.model").exists())
