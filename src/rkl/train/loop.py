@@ -1,0 +1,139 @@
+"""The training loop every phase shares: AdamW groups, warmup+cosine, clipping, accumulation, autocast,
+TensorBoard, periodic validation, atomic checkpoints and exact resume.
+
+A phase plugs in as a `TrainTask`: it owns its model(s) and data and says what one micro-batch's loss is.
+Batches are a pure function of (seed, step, micro-batch), so a resumed run sees exactly the batches an
+uninterrupted run would, and with optimizer, scheduler and RNG state restored it ends at the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+
+from rkl.config import RecursiveConfig
+from rkl.train.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
+from rkl.train.optim import build_optimizer, build_scheduler
+
+
+class TrainTask(Protocol):
+    """What a phase provides to the shared loop."""
+
+    def trainable_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]: ...
+    def train_mode(self, training: bool) -> None: ...
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch plus scalars to log (must include 'tokens': tokens processed)."""
+    def validate(self) -> dict[str, float]: ...
+    def save_weights(self, out_dir: Path) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def make_accelerator(config: RecursiveConfig) -> Accelerator:
+    """bf16 autocast on GPU, plain fp32 on CPU."""
+    on_gpu = torch.cuda.is_available()
+    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
+
+
+def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path, meta: dict,
+          accelerator: Accelerator, resume: bool = False, stop_at: int | None = None,
+          show_progress: bool = True) -> TrainResult:
+    """Run config.steps optimizer steps (or until `stop_at`), checkpointing into out_dir."""
+    optimizer = build_optimizer(task.trainable_groups(), config)
+    scheduler = build_scheduler(optimizer, config)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    start = 0
+    if resume:
+        state = load_training_state(out_dir)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            start = state["step"]
+    writer = SummaryWriter(str(log_dir), purge_step=start if start else None)
+    result = TrainResult(steps_done=start)
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+
+    def checkpoint(step: int) -> None:
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": rng_state(), "step": step}
+        save_checkpoint(out_dir, task.save_weights, config, {**meta, "step": step}, training_state)
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not show_progress)
+    step = start
+    try:
+        with progress:
+            bar = progress.add_task("train", total=config.steps, completed=start, info="", rate="")
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                task.train_mode(True)
+                scalars: dict[str, float] = {}
+                for micro in range(config.grad_accum):
+                    with accelerator.autocast():
+                        loss, micro_scalars = task.loss(step, micro)
+                    accelerator.backward(loss / config.grad_accum)
+                    for k, v in micro_scalars.items():
+                        scalars[k] = scalars.get(k, 0.0) + (v if k == "tokens" else v / config.grad_accum)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                elapsed = time.perf_counter() - t0
+                scalars.update(grad_norm=float(grad_norm), tokens_per_s=scalars.get("tokens", 0.0) / elapsed)
+                if (step + 1) % config.log_interval == 0 or step == start or step + 1 == config.steps:
+                    _log_step(writer, step + 1, scalars, optimizer)
+                    result.history.append({"step": step + 1, **scalars})
+                if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps:
+                    task.train_mode(False)
+                    val = task.validate()
+                    for k, v in val.items():
+                        writer.add_scalar(f"val/{k}", v, step + 1)
+                    result.val_history.append({"step": step + 1, **val})
+                if (step + 1) % config.save_interval == 0 or step + 1 == config.steps:
+                    checkpoint(step + 1)
+                result.steps_done = step + 1
+                progress.update(bar, advance=1, info=f"loss {scalars.get('loss', float('nan')):.3f}",
+                                rate=f"{scalars['tokens_per_s']:.0f} tok/s")
+    except KeyboardInterrupt:
+        # Keep the work done: checkpoint the last completed step, then let the caller report it.
+        if result.steps_done > start:
+            checkpoint(result.steps_done)
+        result.interrupted = True
+    finally:
+        writer.flush()
+        writer.close()
+    return result
+
+
+def _log_step(writer: SummaryWriter, step: int, scalars: dict[str, float], optimizer: torch.optim.Optimizer) -> None:
+    for k, v in scalars.items():
+        if k == "loss":
+            writer.add_scalar("train/loss/total", v, step)
+        elif k.startswith("loss_"):
+            writer.add_scalar(f"train/loss/{k[5:]}", v, step)
+        elif k != "tokens":
+            writer.add_scalar(f"train/{k}", v, step)
+    for group in optimizer.param_groups:
+        if not group["name"].endswith("_nodecay"):
+            writer.add_scalar(f"train/lr/{group['name']}", group["lr"], step)
+    if torch.cuda.is_available():
+        writer.add_scalar("train/peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, step)
+    else:
+        import resource
+
+        writer.add_scalar("train/peak_mem_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, step)
