@@ -76,6 +76,13 @@ def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path
                         TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not show_progress)
     step = start
+    if start == 0:
+        # Step-0 validation: the untrained starting point every later number is compared with.
+        task.train_mode(False)
+        val = task.validate()
+        for k, v in val.items():
+            writer.add_scalar(f"val/{k}", v, 0)
+        result.val_history.append({"step": 0, **val})
     try:
         with progress:
             bar = progress.add_task("train", total=config.steps, completed=start, info="", rate="")

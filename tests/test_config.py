@@ -1,0 +1,91 @@
+"""RecursiveConfig: round-trip, every validation error names its key, stage files differ where they must."""
+
+import json
+
+import pytest
+
+from rkl import ConfigError, RecursiveConfig
+from rkl.paths import STAGE_CONFIGS, stage_config_path
+
+
+def test_round_trip_dict_and_file(tmp_path):
+    config = RecursiveConfig(chunk_width=12, layers_to_refine=[0, 2], corruption_mask="span", seed=7)
+    assert RecursiveConfig.from_dict(config.to_dict()) == config
+    config.save(tmp_path / "c.json")
+    assert RecursiveConfig.from_file(tmp_path / "c.json") == config
+    assert RecursiveConfig.from_file(tmp_path / "c.json") != RecursiveConfig()
+
+
+def test_defaults_validate_clean():
+    assert RecursiveConfig().validate() == []
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"chunk_wdith": 8}, "chunk_wdith"),                      # unknown key
+    ({"chunk_width": "8"}, "chunk_width"),                    # wrong type
+    ({"chunk_width": 8.0}, "chunk_width"),                    # float for an int
+    ({"recursive_enabled": 1}, "recursive_enabled"),          # int for a bool
+    ({"chunk_width": 0}, "chunk_width"),                      # below range
+    ({"commit_threshold": 1.5}, "commit_threshold"),          # above range
+    ({"cache_reset_policy": "keep"}, "cache_reset_policy"),   # not a choice
+    ({"layers_to_refine": [0, "1"]}, "layers_to_refine"),     # bad list item
+    ({"layers_to_refine": [1, 1]}, "layers_to_refine"),       # duplicate
+    ({"min_commit_threshold": 0.95}, "min_commit_threshold"),  # cross-field
+    ({"chunk_width": 80}, "chunk_width"),                     # exceeds max_chunk_len
+    ({"lambda_halt": float("nan")}, "lambda_halt"),           # not finite
+])
+def test_each_error_names_its_key(data, key):
+    with pytest.raises(ConfigError, match=key):
+        RecursiveConfig.from_dict(data)
+
+
+def test_validate_returns_every_problem():
+    config = RecursiveConfig()
+    config.chunk_width = -1
+    config.corruption_rate = 2.0
+    problems = config.validate()
+    assert len(problems) == 2 and any("chunk_width" in p for p in problems)
+
+
+def test_int_accepted_for_float_and_comment_keys_ignored():
+    config = RecursiveConfig.from_dict({"lr": 1, "_comment": "note"})
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+
+
+def test_overrides_parse_json_values():
+    config = RecursiveConfig().with_overrides(["chunk_width=4", "layers_to_refine=[0,1]", "data=stdlib",
+                                               "use_latent_token=true"])
+    assert (config.chunk_width, config.layers_to_refine, config.data, config.use_latent_token) == (4, [0, 1], "stdlib", True)
+    with pytest.raises(ConfigError, match="nope"):
+        RecursiveConfig().with_overrides(["nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        RecursiveConfig().with_overrides(["chunk_width"])
+
+
+def test_bad_json_file_is_a_config_error(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RecursiveConfig.from_file(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="not found"):
+        RecursiveConfig.from_file(tmp_path / "missing.json")
+
+
+def test_stage_files_load_and_phases_differ_as_the_spec_says():
+    configs = {stage: RecursiveConfig.from_file(stage_config_path(stage)) for stage in STAGE_CONFIGS}
+    assert not configs["baseline"].recursive_enabled and configs["after_surgery"].recursive_enabled
+    a, b, c = configs["phase_a"], configs["phase_b"], configs["phase_c"]
+    assert (a.lr_refine, a.lr_boundary, a.lr_latent) == (3e-4, 5e-4, 3e-4)
+    assert a.lora_rank == 0 and a.unfreeze_every == 0 and a.scheduled_sampling == "none"
+    assert 8 <= b.lora_rank <= 16 and b.lr_lora == 1e-5 and b.scheduled_sampling != "none"
+    assert b.scheduled_sampling_final > 0 and b.unfreeze_every == 0
+    assert c.unfreeze_every == 4 and c.l2_to_pretrained > 0
+    # the vanilla control sees the same token budget as phase A
+    v = configs["finetuned_vanilla"]
+    assert v.steps * v.batch_size * v.seq_len == a.steps * a.batch_size * a.seq_len
+
+
+def test_field_docs_cover_every_field():
+    rows = RecursiveConfig.field_docs()
+    assert {r[0] for r in rows} == set(RecursiveConfig().to_dict())
+    assert all(r[3] for r in rows)
+    json.dumps([r[:3] for r in rows], default=str)
