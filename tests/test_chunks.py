@@ -1,0 +1,149 @@
+"""Refinement data: chunk batches, corruption masks, corrupted chunks, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rkl.data import chunk_batch, corrupt, corruption_mask, scheduled_value
+from rkl.errors import UserError
+
+EOS = 2
+
+
+def _stream_with_eos(n: int = 5000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    stream = torch.randint(3, 50, (n,), generator=g)
+    stream[torch.rand(n, generator=g) < 0.05] = EOS
+    return stream
+
+
+def _valid_masks(seed: int = 0) -> torch.Tensor:
+    """Rows of every kind: all valid, none valid, prefix-valid of each length, scattered."""
+    g = torch.Generator().manual_seed(seed)
+    W = 12
+    rows = [torch.ones(W, dtype=torch.bool), torch.zeros(W, dtype=torch.bool)]
+    rows += [torch.arange(W) < k for k in range(1, W)]
+    rows += [torch.rand(W, generator=g) < 0.5 for _ in range(20)]
+    return torch.stack(rows)
+
+
+# --- chunk_batch ----------------------------------------------------------------------------------------
+def test_chunk_batch_shapes_and_contiguity():
+    stream = torch.arange(3, 10_003)
+    b = chunk_batch(stream, step=3, batch_size=6, chunk_width=8, min_prefix=4, max_prefix=20, seed=0, eos_id=EOS)
+    P = b.prefix_ids.shape[1]
+    assert 4 <= P <= 20 and b.prefix_ids.shape == (6, P)
+    assert b.chunk_ids.shape == (6, 8) and b.chunk_valid.shape == (6, 8) and b.chunk_valid.dtype == torch.bool
+    joined = torch.cat([b.prefix_ids, b.chunk_ids], dim=1)
+    assert torch.equal(joined - joined[:, :1], torch.arange(P + 8).expand(6, P + 8))  # prefix right before chunk
+    assert b.chunk_valid.all()  # no EOS in this stream
+
+
+def test_chunk_valid_stops_after_first_eos():
+    stream = _stream_with_eos()
+    for step in range(20):
+        b = chunk_batch(stream, step, batch_size=16, chunk_width=16, min_prefix=1, max_prefix=8, seed=1, eos_id=EOS)
+        for ids, valid in zip(b.chunk_ids.tolist(), b.chunk_valid.tolist()):
+            first = ids.index(EOS) if EOS in ids else len(ids) - 1
+            assert valid == [j <= first for j in range(len(ids))]
+
+
+def test_chunk_batch_is_pure_and_prefix_length_varies():
+    stream = _stream_with_eos()
+    kw = dict(batch_size=4, chunk_width=8, min_prefix=2, max_prefix=30, seed=7, eos_id=EOS)
+    a, b = chunk_batch(stream, 11, **kw), chunk_batch(stream, 11, **kw)
+    assert torch.equal(a.prefix_ids, b.prefix_ids) and torch.equal(a.chunk_ids, b.chunk_ids)
+    assert torch.equal(a.chunk_valid, b.chunk_valid)
+    assert not torch.equal(a.chunk_ids, chunk_batch(stream, 12, **kw).chunk_ids)
+    lengths = {chunk_batch(stream, s, **kw).prefix_ids.shape[1] for s in range(40)}
+    assert len(lengths) > 5 and min(lengths) >= 2 and max(lengths) <= 30
+    with pytest.raises(UserError):
+        chunk_batch(torch.arange(10), 0, 2, 8, 1, 8, 0, EOS)
+
+
+# --- corruption_mask ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["random", "span"])
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.3, 0.5, 1.0])
+def test_corruption_mask_properties(kind, rate):
+    valid = _valid_masks()
+    for seed in range(5):
+        mask = corruption_mask(valid, rate, kind, torch.Generator().manual_seed(seed))
+        assert mask.shape == valid.shape and mask.dtype == torch.bool
+        assert not (mask & ~valid).any(), "marked an invalid position"
+        n_valid, n_mask = valid.sum(1), mask.sum(1)
+        if rate == 0.0:
+            assert not mask.any()
+            continue
+        assert ((n_mask >= 1) == (n_valid >= 1)).all(), "a row with valid positions got no corruption"
+        if kind == "random" and rate == 1.0:
+            assert torch.equal(mask, valid)
+        if kind == "span":
+            for v, m, nv in zip(valid, mask, n_valid.tolist()):
+                if nv == 0:
+                    continue
+                assert m.sum().item() == max(1, round(rate * nv))
+                ranks = (v.long().cumsum(0) - 1)[m]  # positions among the valid ones
+                assert torch.equal(ranks, torch.arange(ranks[0].item(), ranks[0].item() + len(ranks)))
+
+
+def test_span_mask_is_contiguous_on_prefix_valid_rows_and_placed_uniformly():
+    valid = (torch.arange(16) < 10).expand(4000, 16)
+    mask = corruption_mask(valid, 0.3, "span", torch.Generator().manual_seed(0))
+    idx = mask.nonzero()[:, 1].view(4000, 3)
+    assert torch.equal(idx - idx[:, :1], torch.arange(3).expand(4000, 3))
+    counts = torch.bincount(idx[:, 0], minlength=16)
+    assert (counts[:8] > 350).all() and (counts[8:] == 0).all()  # starts 0..7, each ~500
+
+
+def test_random_mask_rate_is_respected():
+    valid = torch.ones(2000, 16, dtype=torch.bool)
+    mask = corruption_mask(valid, 0.3, "random", torch.Generator().manual_seed(0))
+    assert abs(mask.float().mean().item() - 0.3) < 0.01
+
+
+# --- corrupt --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab_size", [5, 8, 384])
+def test_corrupt_changes_exactly_the_masked_positions(vocab_size):
+    g = torch.Generator().manual_seed(vocab_size)
+    ids = torch.randint(0, vocab_size, (200, 16), generator=g)  # specials included as originals
+    mask = torch.rand(200, 16, generator=g) < 0.4
+    out = corrupt(ids, mask, vocab_size, torch.Generator().manual_seed(1))
+    assert out.dtype == torch.long and out.shape == ids.shape
+    assert torch.equal(out[~mask], ids[~mask])
+    assert (out[mask] != ids[mask]).all()
+    assert (out[mask] >= 3).all() and (out[mask] < vocab_size).all()
+    if vocab_size == 8:  # every other non-special token is reachable
+        for t in range(3, 8):
+            assert set(out[mask & (ids == t)].tolist()) == set(range(3, 8)) - {t}
+
+
+def test_corrupt_is_deterministic_given_the_generator():
+    ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    a = corrupt(ids, mask, 100, torch.Generator().manual_seed(3))
+    assert torch.equal(a, corrupt(ids, mask, 100, torch.Generator().manual_seed(3)))
+
+
+# --- scheduled_value ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["none", "linear", "cosine"])
+def test_scheduled_value_endpoints(schedule):
+    start, final, total = 0.3, 0.15, 100
+    assert scheduled_value(start, final, schedule, 0, total) == start
+    end = start if schedule == "none" else final
+    assert scheduled_value(start, final, schedule, total - 1, total) == end
+    assert scheduled_value(start, final, schedule, 10 * total, total) == end  # clipped past the end
+    mid = scheduled_value(start, final, schedule, 50, 101)
+    assert mid == pytest.approx(start if schedule == "none" else (start + final) / 2)
+
+
+def test_scheduled_value_shapes():
+    lin = [scheduled_value(0.0, 1.0, "linear", s, 11) for s in range(11)]
+    assert lin == pytest.approx([s / 10 for s in range(11)])
+    cos = [scheduled_value(0.0, 1.0, "cosine", s, 11) for s in range(11)]
+    assert cos == pytest.approx([(1 - math.cos(math.pi * s / 10)) / 2 for s in range(11)])
+    assert scheduled_value(0.2, 0.9, "linear", 0, 1) == 0.2  # one-step run: no division by zero
+    with pytest.raises(ValueError):
+        scheduled_value(0.0, 1.0, "exponential", 0, 10)
