@@ -19,7 +19,7 @@ STAGE_CONFIGS = {
     "phase_c": "recursive_phase_c",
 }
 # `rkl train --phase X` -> stage whose checkpoint it writes
-PHASE_STAGES = {"pretrain": "pretrain", "vanilla": "finetuned_vanilla", "a": "phase_a", "b": "phase_b", "c": "phase_c"}
+PHASE_STAGES = {"pretrain": "baseline", "vanilla": "finetuned_vanilla", "a": "phase_a", "b": "phase_b", "c": "phase_c"}
 # the stage each phase starts from by convention
 PHASE_INIT = {"pretrain": None, "vanilla": "pretrain", "a": "after_surgery", "b": "phase_a", "c": "phase_b"}
 

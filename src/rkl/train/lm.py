@@ -37,7 +37,8 @@ class LMTask:
         c = self.config
         batch = lm_batch(self.train_stream, step * c.grad_accum + micro, c.batch_size, c.seq_len, c.seed)
         loss, _ = self._batch_loss(batch)
-        return loss, {"loss": float(loss), "loss_lm": float(loss), "tokens": float(batch[:, :-1].numel())}
+        loss_value = float(loss.detach())
+        return loss, {"loss": loss_value, "loss_lm": loss_value, "tokens": float(batch[:, :-1].numel())}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
