@@ -5,3 +5,17 @@ from rkl.errors import ConfigError, UserError
 
 __all__ = ["RecursiveConfig", "ConfigError", "UserError"]
 __version__ = "0.1.0"
+
+# The model API, imported lazily (PEP 562) so that `import rkl` (and the CLI's startup) does not pull in torch and
+# transformers until a model name is actually used.
+_MODEL_API = ("ChunkRefineWrapper", "RefineCell", "BoundaryHead", "LatentToken", "RefineResult",
+              "load_model_with_config", "snapshot_cache", "restore_cache", "run_surgery")
+__all__ += list(_MODEL_API)
+
+
+def __getattr__(name: str):
+    if name in _MODEL_API:
+        import rkl.model
+
+        return getattr(rkl.model, name)
+    raise AttributeError(f"module 'rkl' has no attribute {name!r}")

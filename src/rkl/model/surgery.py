@@ -1,0 +1,192 @@
+"""Surgery checkpoints (sidecar + config + a reference to the base) and `load_model_with_config`.
+
+A surgery folder holds
+
+    sidecar.safetensors     the sidecar weights only (refine_cells.*, boundary.*, latent_token.*)
+    recursive_config.json   the RecursiveConfig they were built with
+    surgery.json            {"base": absolute path or "preset:<name>", "base_sha256": ..., "sidecar_params": n,
+                             "sidecar_bytes": n}
+
+and never a copy of the base weights (96 GB for the real model). `base_sha256` is a cheap fingerprint, not a hash of
+the weights: sha256 over the base folder's config.json bytes, the bytes of any *.index.json weight index, and the
+name and size of every weight file (*.safetensors, *.bin, *.pt, *.pth), in sorted order; for a preset, over the
+preset's JSON file. It catches "the base folder was replaced by another model" in milliseconds; a loader that finds
+a different fingerprint warns and goes on. The folder is written atomically: into out_dir.tmp-XXXX, then renamed.
+
+Surgery itself needs only the base's config (hidden size, layer count, dtype), never its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import KimiLinearConfig
+
+from rkl.config import RecursiveConfig
+from rkl.errors import UserError
+from rkl.model.base import check_kimi_linear_folder, is_checkpoint_dir, load_base, preset_config, preset_names, resolve_dtype
+from rkl.model.wrapper import ChunkRefineWrapper, build_sidecar
+from rkl.paths import configs_dir
+
+SIDECAR_FILE = "sidecar.safetensors"
+CONFIG_FILE = "recursive_config.json"
+SURGERY_FILE = "surgery.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def base_fingerprint(model: str | Path) -> tuple[str, str]:
+    """(reference, sha256) of a base: an absolute folder path or 'preset:<name>'. UserError if it is neither."""
+    path = Path(model)
+    h = hashlib.sha256()
+    if path.is_dir():
+        if not is_checkpoint_dir(path):
+            raise UserError(f"{path} has no config.json: not a model checkpoint folder")
+        check_kimi_linear_folder(path)
+        h.update(b"config.json\0" + (path / "config.json").read_bytes())
+        for f in sorted(path.iterdir()):
+            if f.name.endswith(".index.json"):
+                h.update(f"{f.name}\0".encode() + f.read_bytes())
+            elif f.name.endswith(WEIGHT_SUFFIXES) and f.name != SIDECAR_FILE:
+                h.update(f"{f.name}\0{f.stat().st_size}\n".encode())
+        return str(path.resolve()), h.hexdigest()
+    if str(model) in preset_names():
+        h.update((configs_dir() / "models" / f"{model}.json").read_bytes())
+        return f"preset:{model}", h.hexdigest()
+    raise UserError(f"'{model}' is neither a checkpoint folder nor a preset (presets: {', '.join(preset_names())})")
+
+
+def _base_config(model: str | Path) -> KimiLinearConfig:
+    path = Path(model)
+    if path.is_dir():
+        return KimiLinearConfig.from_pretrained(path)
+    return preset_config(str(model))
+
+
+def _config_dtype(cfg: KimiLinearConfig) -> torch.dtype:
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    if isinstance(dt, str):
+        return resolve_dtype(dt.replace("torch.", "")) or torch.float32
+    return torch.float32
+
+
+def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: str | Path,
+            dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+    """Write a surgery checkpoint for a base; returns {"out", "base", "base_sha256", "sidecar_params",
+    "sidecar_bytes", "dtype"}. The sidecar is neutral (surgery changes no output) and in the base's dtype."""
+    if not config.recursive_enabled:
+        raise UserError("surgery builds the recursive sidecar, but the config has recursive_enabled=false; "
+                        "set recursive_enabled=true (e.g. configs/after_surgery.json)")
+    ref, sha = base_fingerprint(base_path_or_preset)
+    base_cfg = _base_config(base_path_or_preset)
+    torch_dtype = resolve_dtype(dtype) or _config_dtype(base_cfg)
+    parts = build_sidecar(base_cfg.hidden_size, base_cfg.num_hidden_layers, config, torch_dtype,
+                          getattr(base_cfg, "initializer_range", 0.02))
+    state = {f"{name}.{k}": v.contiguous() for name, m in parts.items() if m is not None
+             for k, v in m.state_dict().items()}
+    n_params = sum(v.numel() for v in state.values())
+    n_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        save_file(state, str(tmp / SIDECAR_FILE), metadata={"format": "pt"})
+        config.save(tmp / CONFIG_FILE)
+        info = {"base": ref, "base_sha256": sha, "sidecar_params": n_params, "sidecar_bytes": n_bytes,
+                "dtype": str(torch_dtype).replace("torch.", "")}
+        (tmp / SURGERY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), **info}
+
+
+def run_surgery(model: str, config: RecursiveConfig, out: Path) -> dict[str, Any]:
+    """What `rkl surgery` calls: `surgery(model, config, out)`; the dict has sidecar_params and sidecar_bytes."""
+    return surgery(model, config, out)
+
+
+def _resolve_config(folder: Path | None, config: RecursiveConfig | None, config_path: str | Path | None,
+                    recursive_enabled: bool | None) -> RecursiveConfig:
+    if config is None and config_path is not None:
+        config = RecursiveConfig.from_file(config_path)
+    if config is None and folder is not None and (folder / CONFIG_FILE).is_file():
+        config = RecursiveConfig.from_file(folder / CONFIG_FILE)
+    if config is None:
+        config = RecursiveConfig()
+    if recursive_enabled is not None and recursive_enabled != config.recursive_enabled:
+        config = config.replace(recursive_enabled=recursive_enabled)
+    return config
+
+
+def load_model_with_config(model: str | Path, config: RecursiveConfig | None = None,
+                           config_path: str | Path | None = None, recursive_enabled: bool | None = None,
+                           dtype: str | torch.dtype | None = None, device_map: str | dict | None = None
+                           ) -> tuple[ChunkRefineWrapper, Any, RecursiveConfig]:
+    """(wrapper, tokenizer or None, config) from a checkpoint folder, a surgery folder or a preset name.
+
+    Config: explicit `config` > `config_path` > the folder's recursive_config.json > RecursiveConfig();
+    `recursive_enabled` overrides the resolved config's. A folder's sidecar.safetensors is loaded when the
+    config is enabled (a surgery folder's base is loaded from its reference).
+    """
+    path = Path(model)
+    folder = path if path.is_dir() else None
+    base_ref: str | Path = model
+    if folder is not None and (folder / SURGERY_FILE).is_file():
+        try:
+            info = json.loads((folder / SURGERY_FILE).read_text())
+            base_ref = info["base"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{folder / SURGERY_FILE} is unreadable ({e}); re-run `rkl surgery`") from None
+        if base_ref.startswith("preset:"):
+            base_ref = base_ref[len("preset:"):]
+            if base_ref not in preset_names():
+                raise UserError(f"surgery checkpoint {folder} references base preset '{base_ref}', which does not "
+                                f"exist (presets: {', '.join(preset_names())})")
+        elif not Path(base_ref).is_dir():
+            raise UserError(f"surgery checkpoint {folder} references base {base_ref}, which does not exist; "
+                            "restore the base folder or re-run `rkl surgery` against its new location")
+        expected = info.get("base_sha256")
+        if expected:
+            _, sha = base_fingerprint(base_ref)
+            if sha != expected:
+                warnings.warn(f"base {base_ref} differs from the one surgery checkpoint {folder} was made for "
+                              "(config or weight files changed); its sidecar may not fit this base", stacklevel=2)
+    cfg = _resolve_config(folder, config, config_path, recursive_enabled)
+    base, tokenizer = load_base(base_ref, dtype=dtype, device_map=device_map, seed=0)
+    if tokenizer is None and folder is not None and base_ref != model:
+        from rkl.model.base import load_tokenizer
+        tokenizer = load_tokenizer(folder)
+    wrapper = ChunkRefineWrapper(base, cfg)
+    if wrapper.enabled and folder is not None and (folder / SIDECAR_FILE).is_file():
+        wrapper.load_sidecar_state_dict(load_file(str(folder / SIDECAR_FILE)), source=str(folder / SIDECAR_FILE))
+    return wrapper, tokenizer, cfg
+
+
+def save_sidecar(wrapper: ChunkRefineWrapper, out_dir: str | Path) -> Path:
+    """Write the wrapper's sidecar weights and config into out_dir (for training checkpoints)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in wrapper.sidecar_state_dict().items()}
+    tmp = out / (SIDECAR_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / SIDECAR_FILE)
+    wrapper.config.save(out / CONFIG_FILE)
+    return out / SIDECAR_FILE

@@ -1,0 +1,580 @@
+"""ChunkRefineWrapper: Kimi-Linear plus the recursive sidecar (refine cells, boundary head, latent token).
+
+The base model is `wrapper.base`, untouched; the sidecar lives outside it (`refine_cells`, `boundary`,
+`latent_token`; all None with `recursive_enabled=False`, when the wrapper is a pure pass-through), created in the
+base's dtype and on the device of the part it attaches to (each refine cell beside its decoder layer), so a
+float32 sidecar can never meet a bfloat16 base.
+
+Deltas act INSIDE the forward pass: a forward hook on every decoder layer in `layers_to_refine`
+(`register_forward_hook(prepend=True)`, outside transformers' gradient-checkpointing wrapper) adds the layer's
+current delta to its output at the chunk positions, so later layers, the logits and the recorded hidden states all
+see it. The hooks act only while a refinement pass is running (`self._pass` is set, inside refine_chunk);
+otherwise they return None and the base runs bitwise as without the wrapper.
+
+The inner loop (`refine_chunk`), precisely. Inputs: the chunk's current tokens [B, W], a snapshot of the cache at
+the chunk start (the prefix fully cached, the chunk not), the logits at the last prefix position (the prediction
+for chunk position 0: under the default policy the prefix is never re-run), and which positions are editable.
+For t = 1..K:
+
+1. the working cache: `keep_kda_recurrent_reset_mla` (default) restores the snapshot (KDA state cloned, MLA latents
+   by reference; an autograd-safe cache, see cache.py), so every step costs O(W) however long the prefix;
+   `reset_all` re-runs prefix + chunk in one forward without a cache (the slow reference; needs prefix_ids);
+   `keep_all` restores the snapshot at step 1 only and then continues the live cache: at step t the KDA state and
+   the MLA latents already hold steps 1..t-1's chunk (and [Z]) on top of the prefix, so the chunk "follows itself"
+   K times. That is wrong as text (the chunk sees stale copies of itself as earlier context) and exists only as a
+   measured ablation;
+2. run the W chunk positions (+ the latent [Z] after them when on) with the deltas of the cells' states;
+3. logits aligned so that entry j predicts chunk position j: entry 0 = prev_logits, entries 1..W-1 = the chunk's
+   logits at positions 0..W-2 (kept in float32);
+4. boundary head on the summary (the [Z] position's final hidden state, or the last valid chunk position's) ->
+   commit logit and length logits. With a commit threshold, the loop stops at the first step whose p_commit
+   reaches threshold_t in every row that has an editable position; threshold_t falls linearly from
+   commit_threshold at t = 1 to min(min_commit_threshold, commit_threshold) at t = K. A stopping step commits
+   the tokens it was run on (its logits have already checked them) and edits nothing;
+5. TOKEN EDIT RULE: new_tok = where(editable & (argmax(logits_t) != argmax(logits_1)), argmax(logits_t), draft).
+   Step 1 always runs with zero deltas (every cell state starts at None), so logits_1 are the unrefined model's
+   own predictions through this same chunked path, and a token changes only where refinement changed the
+   argmax. Comparing against the draft instead would be wrong in bf16: the draft was decoded token by token on
+   the single-token recurrent KDA path, the chunk forward uses the chunked KDA path, and the two differ by
+   rounding, so near-ties flip and an untrained sidecar would "edit" tokens. With this rule an untrained (zero-
+   delta) sidecar edits nothing, in any dtype, which makes greedy generation token-identical to the baseline;
+6. the refine cells update their states from this step's hidden states (not after the last step).
+
+generate_chunks mirrors HF greedy decoding exactly: prefill once; per chunk, snapshot the cache, SEED the chunk by
+decoding min(W, remaining) tokens one at a time exactly as `generate` does (same forward arguments, attention mask
+growth, position ids, pad fed for finished rows, all-ones mask dropped), refine from the snapshot, then commit.
+If the committed tokens and length equal the seeded ones, the seeded cache is adopted (bitwise what the baseline
+holds); otherwise the snapshot is restored and advanced by the committed tokens with deltas off. Either way no
+refinement state ([Z], deltas) ever enters the committed cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rkl.config import RecursiveConfig
+from rkl.errors import UserError
+from rkl.model.boundary import BoundaryHead
+from rkl.model.cache import CacheSnapshot, new_cache, restore_cache, snapshot_cache
+from rkl.model.latent import LatentToken
+from rkl.model.refine import RefineCell
+
+EDIT_RULES = ("vs_first_step", "argmax")
+
+
+@dataclass
+class RefineResult:
+    """What refine_chunk did, per inner step (index 0 = step 1). All tensors keep their graph when grad is on.
+
+    logits[t]        [B, W, V] float32, entry j predicts chunk position j (entry 0 is prev_logits every step);
+    commit_logits[t] [B];  length_logits[t] [B, max_chunk_len] (None with enable_length_head off);
+    tokens[t]        [B, W] the chunk tokens after step t (the input of step t + 1);
+    steps_used       inner steps run; final_tokens = tokens[-1].
+    """
+
+    logits: list[torch.Tensor] = field(default_factory=list)
+    commit_logits: list[torch.Tensor] = field(default_factory=list)
+    length_logits: list[torch.Tensor | None] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    steps_used: int = 0
+    final_tokens: torch.Tensor | None = None
+    draft: torch.Tensor | None = None
+    editable: torch.Tensor | None = None
+
+    @property
+    def p_commit(self) -> list[torch.Tensor]:
+        return [torch.sigmoid(c.float()) for c in self.commit_logits]
+
+    @property
+    def tokens_changed(self) -> list[int]:
+        """Positions whose token changed at each step (step 1 against the draft)."""
+        prev, out = self.draft, []
+        for toks in self.tokens:
+            out.append(int((toks != prev).sum()))
+            prev = toks
+        return out
+
+
+@dataclass
+class _Pass:
+    """State the hooks read during one forward of a refinement pass."""
+
+    deltas: dict[int, torch.Tensor | None]
+    start: int  # first chunk position in the forward's sequence
+    width: int  # chunk positions the deltas apply to ([Z] gets none)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids the way HF generate builds them: cumsum of the mask - 1, padding at 0."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+def commit_thresholds(commit_threshold: float, min_commit_threshold: float, k: int) -> list[float]:
+    """threshold_t for t = 1..K: linear from commit_threshold down to min(min_commit_threshold, commit_threshold)."""
+    lo = min(min_commit_threshold, commit_threshold)
+    if k == 1:
+        return [commit_threshold]
+    return [commit_threshold - (commit_threshold - lo) * (t / (k - 1)) for t in range(k)]
+
+
+def build_sidecar(hidden_size: int, num_layers: int, config: RecursiveConfig, dtype: torch.dtype = torch.float32,
+                  init_std: float = 0.02) -> dict[str, nn.Module | None]:
+    """The sidecar modules (CPU, `dtype`), seeded with config.seed so surgery is reproducible.
+
+    Returns {"refine_cells": ModuleDict keyed by str(layer), "boundary": BoundaryHead, "latent_token": LatentToken
+    or None}. Raises UserError when layers_to_refine names a layer the model lacks.
+    """
+    layers = resolve_layers(config, num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        cells = nn.ModuleDict({str(i): RefineCell(hidden_size, config.d_state, config.gate_hidden,
+                                                  config.refine_cell_type) for i in layers})
+        boundary = BoundaryHead(hidden_size, config.gate_hidden, config.max_chunk_len, config.chunk_width)
+        latent = LatentToken(hidden_size, init_std) if config.use_latent_token else None
+    parts = {"refine_cells": cells, "boundary": boundary, "latent_token": latent}
+    for m in parts.values():
+        if m is not None:
+            m.to(dtype)
+    return parts
+
+
+def resolve_layers(config: RecursiveConfig, num_layers: int) -> list[int]:
+    if config.layers_to_refine is None:
+        return list(range(num_layers))
+    for i in config.layers_to_refine:
+        if not 0 <= i < num_layers:
+            raise UserError(f"layers_to_refine names layer {i}, but the model has {num_layers} decoder layers "
+                            f"(indices 0..{num_layers - 1}); fix layers_to_refine in the recursive config")
+    return sorted(config.layers_to_refine)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class ChunkRefineWrapper(nn.Module):
+    def __init__(self, base_model: nn.Module, config: RecursiveConfig | None = None) -> None:
+        super().__init__()
+        config = config or RecursiveConfig()
+        self.base = base_model
+        self.config = config
+        num_layers = base_model.config.num_hidden_layers
+        self.layers_to_refine = resolve_layers(config, num_layers)
+        self._pass: _Pass | None = None
+        self._hook_handles: list[Any] = []
+        self.refine_cells: nn.ModuleDict | None = None
+        self.boundary: BoundaryHead | None = None
+        self.latent_token: LatentToken | None = None
+        if not config.recursive_enabled:
+            return
+        dtype = base_model.dtype
+        parts = build_sidecar(base_model.config.hidden_size, num_layers, config, dtype,
+                              getattr(base_model.config, "initializer_range", 0.02))
+        layers = base_model.model.layers
+        for key, cell in parts["refine_cells"].items():
+            cell.to(_device_of(layers[int(key)]))
+        self.refine_cells = parts["refine_cells"]
+        self.boundary = parts["boundary"].to(_device_of(base_model.model.norm))
+        if parts["latent_token"] is not None:
+            self.latent_token = parts["latent_token"].to(base_model.get_input_embeddings().weight.device)
+        for i in self.layers_to_refine:
+            self._hook_handles.append(layers[i].register_forward_hook(self._make_hook(i), prepend=True))
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _make_hook(self, idx: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            state = self._pass
+            if state is None:
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            s, e = state.start, state.start + state.width
+            delta = state.deltas.get(idx)
+            if delta is None:
+                state.hidden[idx] = h[:, s:e]
+                return None
+            mid = h[:, s:e] + delta.to(h.dtype)
+            state.hidden[idx] = mid
+            new = torch.cat([h[:, :s], mid, h[:, e:]], dim=1)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+
+    # --------------------------------------------------------------------------------------------- basics
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward, unchanged (no deltas are active outside refinement passes)."""
+        return self.base(*args, **kwargs)
+
+    @property
+    def enabled(self) -> bool:
+        return self.refine_cells is not None
+
+    def sidecar_modules(self) -> dict[str, nn.Module]:
+        parts = {"refine_cells": self.refine_cells, "boundary": self.boundary, "latent_token": self.latent_token}
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def sidecar_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.sidecar_modules().values() for p in m.parameters()]
+
+    def sidecar_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, m in self.sidecar_modules().items() for k, v in m.state_dict().items()}
+
+    def load_sidecar_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load sidecar weights (cast to each module's dtype/device); UserError on missing or unexpected keys."""
+        own = self.sidecar_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+            if unexpected:
+                parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+            raise UserError(f"sidecar weights in {source} do not match the recursive config ({'; '.join(parts)}); "
+                            "use the recursive_config.json saved with them")
+        for name, m in self.sidecar_modules().items():
+            sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            for k, v in m.state_dict().items():
+                if sub[k].shape != v.shape:
+                    raise UserError(f"sidecar tensor {name}.{k} in {source} has shape {tuple(sub[k].shape)}, the "
+                                    f"recursive config gives {tuple(v.shape)}; use the config saved with the weights")
+            m.load_state_dict({k: t.to(dtype=m.state_dict()[k].dtype) for k, t in sub.items()})
+
+    def num_sidecar_params(self) -> int:
+        return sum(p.numel() for p in self.sidecar_parameters())
+
+    def _require_sidecar(self) -> None:
+        if not self.enabled:
+            raise RuntimeError("refine_chunk needs the sidecar: this wrapper has recursive_enabled=False")
+
+    # ------------------------------------------------------------------------------------ forward passes
+    def _run(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+             cache: Any, pass_state: _Pass | None) -> torch.Tensor:
+        """base.model over `inputs_embeds` with the hooks reading `pass_state`; returns the final hidden states."""
+        if attention_mask is not None and bool((attention_mask == 1).all()):
+            attention_mask = None  # as HF generate does: no padding -> no mask
+        self._pass = pass_state
+        try:
+            out = self.base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+        finally:
+            self._pass = None
+        return out.last_hidden_state
+
+    def _check_checkpointing(self, policy: str, use_z: bool) -> None:
+        if (policy == "reset_all" and not use_z) or not self.base.training:
+            return
+        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.base.model.layers):
+            # transformers 5.23's GradientCheckpointingLayer sets past_key_values=None inside checkpointed layers,
+            # which would silently run the chunk without its prefix.
+            raise RuntimeError("gradient checkpointing drops the KV/KDA cache in transformers' decoder layers, so a "
+                               "chunk could not see its cached prefix; turn it off for refinement passes or use "
+                               "cache_reset_policy='reset_all'")
+
+    @torch.no_grad()
+    def prepare_prefix(self, prefix_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                       ) -> tuple[CacheSnapshot, torch.Tensor]:
+        """Run a prefix once (no deltas) -> (snapshot of its cache, float32 logits at its last position [B, V])."""
+        cache = new_cache(self.base.config)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(prefix_ids)
+        out = self.base(input_ids=prefix_ids, attention_mask=None if bool((mask == 1).all()) else mask,
+                        position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+        return snapshot_cache(cache), out.logits[:, -1].to(torch.float32, copy=True)
+
+    def refine_chunk(self, chunk_ids: torch.Tensor, snapshot: CacheSnapshot | None, prev_logits: torch.Tensor,
+                     editable: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     max_inner_steps: int | None = None, commit_threshold: float | None = None, soft: bool = False,
+                     *, prefix_ids: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+                     cache_reset_policy: str | None = None, edit_rule: str = "vs_first_step") -> RefineResult:
+        """The inner loop over one chunk (see the module docstring for the exact protocol).
+
+        chunk_ids [B, W]: the current chunk (the draft). snapshot: the cache at the chunk start (unused by
+        reset_all, which needs prefix_ids [B, P] instead). prev_logits [B, V]: logits at the last prefix position.
+        editable [B, W] bool: positions whose token may change (padding never does). attention_mask: [B, P + W]
+        over prefix and chunk (or [B, W] for the chunk, the prefix then taken from prefix_mask / all ones).
+        commit_threshold None runs all K steps (training). soft: editable positions of step t + 1 get the
+        probability-weighted embedding of step t's predictions instead of a token (differentiable).
+        edit_rule 'vs_first_step' is the exactness-preserving rule above; 'argmax' lets editable positions take
+        argmax(logits_t) outright (training experiments; not exact in bf16).
+        """
+        self._require_sidecar()
+        cfg = self.config
+        k_steps = max_inner_steps or cfg.max_inner_steps
+        policy = cache_reset_policy or cfg.cache_reset_policy
+        if edit_rule not in EDIT_RULES:
+            raise ValueError(f"edit_rule must be one of {EDIT_RULES}")
+        b, w = chunk_ids.shape
+        dev = chunk_ids.device
+        if policy == "reset_all":
+            if prefix_ids is None:
+                raise ValueError("cache_reset_policy='reset_all' re-runs the prefix: pass prefix_ids")
+            p_len = prefix_ids.shape[1]
+        else:
+            if snapshot is None:
+                raise ValueError(f"cache_reset_policy={policy!r} needs the chunk-start snapshot")
+            p_len = snapshot.seq_length
+        ones = lambda n: torch.ones(b, n, dtype=torch.long, device=dev)  # noqa: E731
+        if attention_mask is None or attention_mask.shape[1] == w:
+            pm = prefix_mask.long() if prefix_mask is not None else ones(p_len)
+            attention_mask = torch.cat([pm, attention_mask.long() if attention_mask is not None else ones(w)], 1)
+        attention_mask = attention_mask.long()
+        if attention_mask.shape[1] != p_len + w:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected prefix {p_len} + "
+                             f"chunk {w}")
+        chunk_mask = attention_mask[:, p_len:]
+        editable = editable.bool() & chunk_mask.bool()
+        voters = editable.any(-1)
+        if not bool(voters.any()):
+            voters = torch.ones_like(voters)
+        use_z = self.latent_token is not None
+        self._check_checkpointing(policy, use_z)
+        pos_all = positions_from_mask(attention_mask)
+        last_valid = (chunk_mask * torch.arange(1, w + 1, device=dev)).argmax(-1)  # last position with mask 1
+        thresholds = (commit_thresholds(commit_threshold, cfg.min_commit_threshold, k_steps)
+                      if commit_threshold is not None else None)
+
+        embed = self.base.get_input_embeddings()
+        lm_head = self.base.get_output_embeddings()
+        prev = prev_logits.to(torch.float32)
+        draft = chunk_ids
+        tokens = chunk_ids
+        states: dict[int, torch.Tensor | None] = {i: None for i in self.layers_to_refine}
+        probs: torch.Tensor | None = None
+        first_argmax: torch.Tensor | None = None
+        cache = None
+        result = RefineResult(draft=draft, editable=editable)
+
+        for t in range(k_steps):
+            x = embed(tokens)
+            if soft and probs is not None:
+                soft_x = (probs.to(embed.weight.dtype) @ embed.weight).to(x.dtype)
+                x = torch.where(editable.unsqueeze(-1), soft_x, x)
+            deltas = {i: self.refine_cells[str(i)].delta(states[i]) for i in self.layers_to_refine}
+            if policy == "reset_all":
+                x = torch.cat([embed(prefix_ids), x], 1)
+                cache = new_cache(self.base.config, grad_friendly=True) if use_z else None
+                mask, pos, start = attention_mask, pos_all, p_len
+            else:
+                if policy == "keep_all" and cache is not None:
+                    extra = cache.get_seq_length() - p_len  # previous steps' chunks (+[Z]) left in the cache
+                    mask = torch.cat([attention_mask[:, :p_len], ones(extra), chunk_mask], 1)
+                    pos = positions_from_mask(mask)[:, -w:]
+                else:
+                    cache = restore_cache(snapshot, grad_friendly=True)
+                    mask, pos = attention_mask, pos_all[:, p_len:]
+                start = 0
+            pass_state = _Pass(deltas, start=start, width=w)
+            hidden = self._run(x, mask, pos, cache, pass_state)
+            if use_z:
+                # [Z] is a second, one-position forward continuing the working cache: the text positions' forward
+                # is then exactly the one without [Z] (bitwise, not just causally equal), and [Z] sees it all.
+                z_mask = torch.cat([mask, ones(1)], 1)
+                z_pos = pos[:, -1:] + 1
+                z = self.latent_token(b).to(device=x.device, dtype=x.dtype)
+                z_hidden = self._run(z, z_mask, z_pos, cache, None)[:, -1]
+            h_text = hidden[:, start:start + w]
+            chunk_logits = lm_head(h_text[:, : w - 1].to(lm_head.weight.device)).to(torch.float32)
+            aligned = torch.cat([prev.unsqueeze(1).to(chunk_logits.device), chunk_logits], 1)
+            summary = z_hidden if use_z else h_text[torch.arange(b, device=dev), last_valid]
+            commit_logit, length_logits = self.boundary(summary.to(_device_of(self.boundary)))
+            result.logits.append(aligned)
+            result.commit_logits.append(commit_logit)
+            result.length_logits.append(length_logits if cfg.enable_length_head else None)
+            result.steps_used = t + 1
+            argmax = aligned.argmax(-1).to(dev)
+            if first_argmax is None:
+                first_argmax = argmax
+            if thresholds is not None:
+                p = torch.sigmoid(commit_logit.float()).to(dev)
+                if bool((p >= thresholds[t])[voters].all()):
+                    result.tokens.append(tokens)
+                    break
+            if edit_rule == "vs_first_step":
+                change = editable & (argmax != first_argmax)
+            else:
+                change = editable
+            tokens = torch.where(change, argmax, draft)
+            result.tokens.append(tokens)
+            if t + 1 < k_steps:
+                for i in self.layers_to_refine:
+                    states[i] = self.refine_cells[str(i)].update(pass_state.hidden[i], chunk_mask, states[i])
+                if soft:
+                    probs = torch.softmax(aligned, dim=-1)
+        result.final_tokens = result.tokens[-1]
+        return result
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _special_tokens(self) -> tuple[torch.Tensor | None, int | None]:
+        gc = self.base.generation_config
+        eos = gc.eos_token_id
+        if eos is None:
+            eos = getattr(self.base.config, "eos_token_id", None)
+        eos_list = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = gc.pad_token_id
+        if pad is None and eos_list:
+            pad = eos_list[0]  # what HF generate does (with a warning)
+        eos_t = torch.tensor(eos_list, device=self.base.device) if eos_list else None
+        return eos_t, pad
+
+    @staticmethod
+    def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+        if not do_sample:
+            return torch.argmax(logits, dim=-1)
+        scores = logits / temperature if temperature != 1.0 else logits
+        if top_p < 1.0:  # HF's TopPLogitsWarper
+            sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cum <= (1 - top_p)
+            remove[..., -1:] = False
+            scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+        return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+    @torch.no_grad()
+    def generate_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        max_new_tokens: int = 64, chunk_width: int | None = None, max_inner_steps: int | None = None,
+                        commit_threshold: float | None = None, do_sample: bool = False, temperature: float = 1.0,
+                        top_p: float = 1.0, return_stats: bool = False) -> Any:
+        """Chunked generation with refinement: ids [B, prompt + new] exactly as HF `generate` returns them.
+
+        Finished rows are padded with pad_token_id; generation stops once every row has emitted EOS or after
+        max_new_tokens. return_stats=True returns (ids, stats), one dict per chunk: inner_steps, p_commit (per step,
+        per row), committed_length, seeded_length, tokens_changed (per step), adopted_seed.
+        Disabled wrapper: `base.generate`. commit_threshold None = the config's. Sampling (do_sample) applies
+        temperature and top-p as HF does, but its random draws are not HF's.
+        """
+        base, cfg = self.base, self.config
+        if not self.enabled:
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p)
+            out = base.generate(input_ids, attention_mask=attention_mask, **kwargs)
+            return (out, []) if return_stats else out
+        width = chunk_width or cfg.chunk_width
+        k_steps = max_inner_steps or cfg.max_inner_steps
+        threshold = cfg.commit_threshold if commit_threshold is None else commit_threshold
+        eos, pad = self._special_tokens()
+        b = input_ids.shape[0]
+        dev = input_ids.device
+        if attention_mask is None:  # HF: infer from padding only when pad is set and is not an EOS token
+            attention_mask = torch.ones_like(input_ids)
+            if pad is not None and bool((input_ids == pad).any()) and (eos is None or not bool((eos == pad).any())):
+                attention_mask = input_ids.ne(pad).long()
+        mask = attention_mask.long()
+        keep_mask = not bool((mask == 1).all())  # HF drops an all-ones mask for the whole generation
+        decode_ctx = getattr(base, "_optimize_model_for_decode", contextlib.nullcontext)
+
+        def fwd(ids: torch.Tensor, m: torch.Tensor, cache: Any) -> torch.Tensor:
+            out = base(input_ids=ids, attention_mask=m if keep_mask else None,
+                       position_ids=positions_from_mask(m)[:, -ids.shape[1]:], past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1].to(torch.float32, copy=True)
+
+        cache = new_cache(base.config)
+        seq = input_ids
+        prev = fwd(input_ids, mask, cache)
+        unfinished = torch.ones(b, dtype=torch.long, device=dev)
+        generated = 0
+        stats: list[dict[str, Any]] = []
+        policy = cfg.cache_reset_policy
+        while generated < max_new_tokens and bool(unfinished.any()):
+            n = min(width, max_new_tokens - generated)
+            snap = snapshot_cache(cache)
+            # ---- seed: HF greedy/sampled decoding of up to n tokens, continuing the live cache
+            toks, running, logits, seed_mask, unf = [], [], prev, mask, unfinished.clone()
+            with decode_ctx():
+                for j in range(n):
+                    nt = self._select(logits, do_sample, temperature, top_p)
+                    if eos is not None:
+                        nt = nt * unf + pad * (1 - unf)
+                    running.append(unf.clone())
+                    toks.append(nt)
+                    if eos is not None:
+                        unf = unf & ~torch.isin(nt, eos)
+                    if not bool(unf.any()) or generated + j + 1 >= max_new_tokens:
+                        break  # generation ends here: like HF, do not feed the last token
+                    seed_mask = torch.cat([seed_mask, torch.ones(b, 1, dtype=mask.dtype, device=dev)], 1)
+                    logits = fwd(nt[:, None], seed_mask, cache)
+            seeded = torch.stack(toks, 1)
+            m = seeded.shape[1]
+            editable = torch.stack(running, 1).bool()
+            chunk_mask = torch.cat([mask, torch.ones(b, m, dtype=mask.dtype, device=dev)], 1)
+            res = self.refine_chunk(seeded, snap, prev, editable, attention_mask=chunk_mask,
+                                    max_inner_steps=k_steps, commit_threshold=threshold, soft=cfg.use_soft_tokens,
+                                    prefix_ids=seq if policy == "reset_all" else None, prefix_mask=mask)
+            final, length = self._commit(res, unfinished.bool(), eos, pad, m)
+            committed = final[:, :length]
+            adopt = length == m and torch.equal(committed, seeded)
+            if eos is not None:
+                unfinished = unfinished & ~torch.isin(committed, eos).any(-1).long()
+            seq = torch.cat([seq, committed], 1)
+            mask = torch.cat([mask, torch.ones(b, length, dtype=mask.dtype, device=dev)], 1)
+            generated += length
+            more = generated < max_new_tokens and bool(unfinished.any())
+            if adopt:
+                prev = logits  # the seeded cache (`cache`) already holds exactly these tokens
+            elif more:
+                cache = restore_cache(snap)
+                prev = fwd(committed, mask, cache)
+            if return_stats:
+                stats.append({
+                    "inner_steps": res.steps_used,
+                    "p_commit": [p.tolist() for p in res.p_commit],
+                    "committed_length": length,
+                    "seeded_length": m,
+                    "tokens_changed": res.tokens_changed,
+                    "adopted_seed": adopt,
+                })
+        return (seq, stats) if return_stats else seq
+
+    def _commit(self, res: RefineResult, running: torch.Tensor, eos: torch.Tensor | None, pad: int | None,
+                m: int) -> tuple[torch.Tensor, int]:
+        """(final tokens with pad after each row's EOS, the common commit length).
+
+        Per running row: head = length-head argmax + 1 (or m without a length head), clipped to 1..m; a row whose
+        first EOS lies within its head length finishes in this chunk and wants first_eos + 1 tokens. The common
+        length is the minimum over running rows that do not finish here (rows finishing inside the chunk do not
+        constrain it); when every running row finishes, it is the maximum, i.e. up to the last EOS, as HF stops.
+        """
+        final = res.final_tokens
+        b = final.shape[0]
+        dev = final.device
+        lengths = res.length_logits[-1]
+        if lengths is None:
+            head = torch.full((b,), m, dtype=torch.long, device=dev)
+        else:
+            head = (lengths.argmax(-1).to(dev) + 1).clamp(1, m)
+        if eos is not None:
+            is_eos = torch.isin(final, eos) & running.unsqueeze(1)
+            has = is_eos.any(-1)
+            first = torch.where(has, is_eos.long().argmax(-1), torch.full_like(head, m))
+        else:
+            has = torch.zeros(b, dtype=torch.bool, device=dev)
+            first = torch.full_like(head, m)
+        want = torch.where(has, torch.minimum(head, first + 1), head)
+        finishes = has & (first + 1 <= head)
+        open_rows = running & ~finishes
+        if bool(open_rows.any()):
+            length = int(want[open_rows].min())
+        elif bool(running.any()):
+            length = int(want[running].max())
+        else:
+            length = m
+        if eos is not None and pad is not None:
+            after = torch.arange(m, device=dev).unsqueeze(0) > first.unsqueeze(1)
+            final = torch.where(after & has.unsqueeze(1), torch.full_like(final, pad), final)
+        return final, length

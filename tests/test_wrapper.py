@@ -1,0 +1,349 @@
+"""ChunkRefineWrapper on the tiny preset (CPU): neutrality, exact after-surgery generation, live hooks, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rkl import BoundaryHead, ChunkRefineWrapper, LatentToken, RecursiveConfig, RefineCell, UserError
+from rkl.model.base import load_base
+from rkl.model.cache import restore_cache
+from rkl.model.wrapper import _Pass, commit_thresholds, positions_from_mask
+
+MAX_NEW = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a shared 2-core machine oversubscription makes every
+    # op 10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bases():
+    out = {}
+    for name in ("float32", "bfloat16"):
+        base, _ = load_base("tiny", dtype=name)
+        out[name] = base.eval()
+    return out
+
+
+def prompt(pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows, uneven lengths, left padded."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 384, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3] = pad
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def wrap(base, **cfg) -> ChunkRefineWrapper:
+    return ChunkRefineWrapper(base, RecursiveConfig(**cfg))
+
+
+def randomize_outputs(w: ChunkRefineWrapper, std: float = 0.05, seed: int = 0) -> None:
+    """Move the zero-initialised output layers (refine out_proj, boundary heads) off zero, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in [cell.out_proj for cell in w.refine_cells.values()] + [w.boundary.commit, w.boundary.length]:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+
+
+def chunk_setup(w: ChunkRefineWrapper, width: int = 5):
+    ids, mask = prompt()
+    snap, prev = w.prepare_prefix(ids, mask)
+    g = torch.Generator().manual_seed(2)
+    chunk = torch.randint(3, 384, (2, width), generator=g)
+    full_mask = torch.cat([mask, torch.ones_like(chunk)], 1)
+    editable = torch.ones_like(chunk, dtype=torch.bool)
+    return ids, mask, snap, prev, chunk, full_mask, editable
+
+
+# ------------------------------------------------------------------------------------------------ neutral init
+@pytest.mark.parametrize("cell_type", ["pooled", "per_token"])
+def test_refine_cell_zero_init(cell_type):
+    cell = RefineCell(96, d_state=8, gate_hidden=16, cell_type=cell_type)
+    assert torch.count_nonzero(cell.out_proj.weight) == 0 and torch.count_nonzero(cell.out_proj.bias) == 0
+    assert cell.delta(None) is None  # step 1: no delta at all, whatever the cell learned
+    h = torch.randn(2, 5, 96)
+    state = cell.update(h, None, None)
+    state = cell.update(h, torch.ones(2, 5), state)
+    d = cell.delta(state)
+    assert d.shape == ((2, 1, 96) if cell_type == "pooled" else (2, 5, 96))
+    assert torch.count_nonzero(d) == 0
+    assert torch.equal(h + d, h)
+
+
+def test_boundary_and_latent_init():
+    head = BoundaryHead(96, gate_hidden=16, max_chunk_len=8, chunk_width=5)
+    commit, length = head(torch.randn(3, 96))
+    assert torch.allclose(commit, torch.full((3,), -2.0))
+    assert (length.argmax(-1) == 4).all()  # class chunk_width - 1: commit the full chunk
+    assert torch.allclose(length.softmax(-1)[:, 4], torch.full((3,), 0.5))
+    z = LatentToken(96)
+    assert z(3).shape == (3, 1, 96)
+
+
+def test_hooked_hidden_states_bitwise(bases):
+    base = bases["float32"]
+    w = wrap(base)
+    assert all(torch.count_nonzero(c.out_proj.weight) == 0 for c in w.refine_cells.values())
+    ids, mask, snap, prev, chunk, full_mask, _ = chunk_setup(w)
+    # states that are far from zero, so only the zero output projection keeps the deltas at zero
+    states = {i: torch.randn(2, w.config.d_state) for i in w.layers_to_refine}
+    deltas = {i: w.refine_cells[str(i)].delta(states[i]) for i in w.layers_to_refine}
+    pos = positions_from_mask(full_mask)[:, ids.shape[1]:]
+    emb = base.get_input_embeddings()(chunk)
+    with torch.no_grad():
+        st = _Pass(deltas, start=0, width=chunk.shape[1])
+        hooked = w._run(emb, full_mask, pos, restore_cache(snap), st)
+        plain = base.model(inputs_embeds=emb, attention_mask=full_mask, position_ids=pos,
+                           past_key_values=restore_cache(snap), use_cache=True, output_hidden_states=True)
+    assert torch.equal(hooked, plain.last_hidden_state)
+    for i in w.layers_to_refine:  # hidden_states[0] is the embedding output; [i + 1] is layer i's output
+        if i + 1 < len(plain.hidden_states) - 1:
+            assert torch.equal(st.hidden[i], plain.hidden_states[i + 1])
+
+
+# --------------------------------------------------------------------------------------------- pass-through
+def test_disabled_wrapper_is_pass_through(bases):
+    base = bases["float32"]
+    w = wrap(base, recursive_enabled=False)
+    assert w.refine_cells is None and w.boundary is None and w.latent_token is None
+    ids, mask = prompt()
+    with torch.no_grad():
+        assert torch.equal(w(input_ids=ids, attention_mask=mask).logits, base(input_ids=ids, attention_mask=mask).logits)
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(w.generate_chunks(ids, attention_mask=mask, max_new_tokens=6), ref)
+
+
+def test_after_surgery_teacher_forced_logits_bitwise(bases):
+    base = bases["float32"]
+    ids, mask = prompt()
+    with torch.no_grad():
+        before = base(input_ids=ids, attention_mask=mask).logits
+        w = wrap(base, use_latent_token=True)
+        after = w(input_ids=ids, attention_mask=mask).logits
+        after_base = base(input_ids=ids, attention_mask=mask).logits  # hooks registered on the base itself
+    w.remove_hooks()
+    assert torch.equal(before, after) and torch.equal(before, after_base)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inner_steps_at_init_are_identical(bases, dtype):
+    w = wrap(bases[dtype], max_inner_steps=3, use_latent_token=True)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with torch.no_grad():
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+    w.remove_hooks()
+    assert res.steps_used == 3
+    for t in range(1, 3):
+        assert torch.equal(res.logits[t], res.logits[0])
+        assert torch.equal(res.tokens[t], chunk)  # the edit rule edits nothing at init
+    assert torch.equal(res.logits[0][:, 0], prev)
+
+
+def test_latent_token_leaves_text_logits_unchanged(bases):
+    base = bases["float32"]
+    outs = {}
+    for lat in (False, True):
+        w = wrap(base, use_latent_token=lat, max_inner_steps=2)
+        randomize_outputs(w)  # with live deltas too: [Z] is after the chunk, causally invisible
+        *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+        with torch.no_grad():
+            outs[lat] = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+        w.remove_hooks()
+    assert torch.equal(outs[False].logits[0], outs[True].logits[0])
+    # the boundary head reads a different summary with [Z]
+    assert not torch.equal(outs[False].commit_logits[0], outs[True].commit_logits[0])
+
+
+# ------------------------------------------------------------------------------ exact after-surgery generation
+CASES = [  # dtype, chunk width, K, latent
+    ("float32", 4, 1, False),
+    ("float32", 5, 4, True),
+    ("bfloat16", 4, 4, False),
+    ("bfloat16", 5, 1, True),
+    ("bfloat16", 16, 4, True),  # one chunk wider than the whole generation
+]
+
+
+@pytest.mark.parametrize("dtype,width,k,latent", CASES)
+def test_greedy_generate_chunks_equals_generate(bases, dtype, width, k, latent):
+    base = bases[dtype]
+    ids, mask = prompt()
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+    w = wrap(base, chunk_width=width, max_inner_steps=k, use_latent_token=latent)
+    out, stats = w.generate_chunks(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_stats=True)
+    w.remove_hooks()
+    assert torch.equal(out, ref)
+    assert all(s["inner_steps"] == k and s["adopted_seed"] for s in stats)
+    assert sum(s["committed_length"] for s in stats) == MAX_NEW
+
+
+@pytest.mark.parametrize("dtype,latent", [("float32", False), ("bfloat16", True)])
+def test_greedy_exact_with_eos_inside_a_chunk(bases, dtype, latent):
+    base = bases[dtype]
+    ids, mask = prompt()
+    free = base.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+    # make row 1's 7th generated token the EOS: row 1 stops inside the second chunk, row 0 keeps going (or stops
+    # wherever it happens to emit that token too)
+    eos = int(free[1, ids.shape[1] + 6])
+    gc = base.generation_config
+    old = gc.eos_token_id
+    gc.eos_token_id = eos
+    try:
+        ref = base.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+        w = wrap(base, chunk_width=5, max_inner_steps=4, use_latent_token=latent)
+        out, stats = w.generate_chunks(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_stats=True)
+        w.remove_hooks()
+    finally:
+        gc.eos_token_id = old
+    assert (ref[1, ids.shape[1]:] == eos).any()
+    assert torch.equal(out, ref)
+
+
+def test_generation_stops_when_every_row_has_finished(bases):
+    base = bases["float32"]
+    ids, mask = prompt()
+    free = base.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+    gc = base.generation_config
+    old = gc.eos_token_id
+    gc.eos_token_id = [int(free[0, ids.shape[1] + 2]), int(free[1, ids.shape[1] + 5])]
+    try:
+        ref = base.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+        w = wrap(base, chunk_width=4, max_inner_steps=2)
+        out = w.generate_chunks(ids, attention_mask=mask, max_new_tokens=MAX_NEW)
+        w.remove_hooks()
+    finally:
+        gc.eos_token_id = old
+    assert ref.shape[1] < ids.shape[1] + MAX_NEW  # HF stopped early
+    assert torch.equal(out, ref)
+
+
+def test_length_head_commits_shorter_chunks(bases):
+    base = bases["float32"]
+    ids, mask = prompt()
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False)
+    w = wrap(base, chunk_width=5, max_inner_steps=2)
+    with torch.no_grad():
+        w.boundary.length.bias.zero_()
+        w.boundary.length.bias[1] = 5.0  # always commit 2 tokens
+    out, stats = w.generate_chunks(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_stats=True)
+    w.remove_hooks()
+    assert [s["committed_length"] for s in stats] == [2] * 6
+    # re-advanced from the snapshot, except the last chunk, where only 2 tokens were left to seed
+    assert [s["adopted_seed"] for s in stats] == [False] * 5 + [True]
+    # fp32: the chunked re-advance agrees with token-by-token decoding up to ~1e-6, far below any gap here
+    assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------------- live hooks, grads
+def test_nonzero_delta_changes_logits(bases):
+    w = wrap(bases["float32"], max_inner_steps=2)
+    randomize_outputs(w)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with torch.no_grad():
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+    w.remove_hooks()
+    assert not torch.equal(res.logits[1], res.logits[0])
+    assert torch.equal(res.logits[1][:, 0], res.logits[0][:, 0])  # entry 0 is the prefix's prediction
+
+
+@pytest.mark.parametrize("cell_type,latent", [("pooled", True), ("per_token", False)])
+def test_gradients_reach_every_sidecar_parameter(bases, cell_type, latent):
+    base = bases["float32"]
+    for p in base.parameters():
+        p.requires_grad_(False)
+    w = wrap(base, max_inner_steps=3, refine_cell_type=cell_type, use_latent_token=latent, max_chunk_len=8,
+             chunk_width=5)
+    randomize_outputs(w)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+    target = torch.roll(chunk, 1, dims=1)
+    loss = sum(F.cross_entropy(lg.flatten(0, 1), target.flatten()) for lg in res.logits)
+    loss = loss + sum(F.binary_cross_entropy_with_logits(c, torch.ones_like(c)) for c in res.commit_logits)
+    loss = loss + sum(F.cross_entropy(ll, torch.full((2,), 2)) for ll in res.length_logits)
+    loss.backward()
+    w.remove_hooks()
+    for name, p in [(n, p) for n, p in w.named_parameters() if not n.startswith("base.")]:
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+    assert all(p.grad is None for p in base.parameters())
+    for p in base.parameters():
+        p.requires_grad_(True)
+
+
+def test_refine_chunk_is_deterministic(bases):
+    w = wrap(bases["float32"], max_inner_steps=3, use_latent_token=True)
+    randomize_outputs(w, std=0.5)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with torch.no_grad():
+        a = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+        b = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+    w.remove_hooks()
+    assert a.steps_used == b.steps_used
+    for x, y in zip(a.logits + a.commit_logits + a.length_logits + a.tokens,
+                    b.logits + b.commit_logits + b.length_logits + b.tokens):
+        assert torch.equal(x, y)
+
+
+def test_policies_agree_where_they_should(bases):
+    w = wrap(bases["float32"], max_inner_steps=3)
+    randomize_outputs(w)
+    ids, mask, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with torch.no_grad():
+        snap_res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, edit_rule="argmax")
+        reset = w.refine_chunk(chunk, None, prev, editable, attention_mask=full_mask, prefix_ids=ids,
+                               cache_reset_policy="reset_all", edit_rule="argmax")
+        keep = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask,
+                              cache_reset_policy="keep_all", edit_rule="argmax")
+    w.remove_hooks()
+    for a, b in zip(snap_res.logits, reset.logits):  # same computation, cached vs re-run prefix
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(keep.logits[0], snap_res.logits[0])  # step 1 starts from the snapshot too
+    assert not torch.allclose(keep.logits[1], snap_res.logits[1], atol=1e-3)  # then it sees its stale chunk
+
+
+def test_commit_threshold_stops_early(bases):
+    w = wrap(bases["float32"], max_inner_steps=4)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with torch.no_grad():
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, commit_threshold=0.9)
+        assert res.steps_used == 4  # p_commit = sigmoid(-2) never reaches a threshold >= 0.5
+        w.boundary.commit.bias.fill_(10.0)
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, commit_threshold=0.9)
+    w.remove_hooks()
+    assert res.steps_used == 1 and torch.equal(res.final_tokens, chunk)
+    assert commit_thresholds(0.9, 0.5, 3) == pytest.approx([0.9, 0.7, 0.5])
+
+
+# ------------------------------------------------------------------------------------------------- dtypes
+def test_sidecar_follows_base_dtype_bf16(bases):
+    w = wrap(bases["bfloat16"], max_inner_steps=2, use_latent_token=True, refine_cell_type="per_token")
+    assert {p.dtype for p in w.sidecar_parameters()} == {torch.bfloat16}
+    randomize_outputs(w)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with torch.no_grad():
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, soft=True)
+    w.remove_hooks()
+    assert res.logits[1].dtype == torch.float32 and not torch.equal(res.logits[1], res.logits[0])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_layers_to_refine_must_exist(bases):
+    with pytest.raises(UserError, match=r"layer 7.*4 decoder layers"):
+        wrap(bases["float32"], layers_to_refine=[0, 7])
+
+
+def test_only_listed_layers_get_cells_and_hooks(bases):
+    base = bases["float32"]
+    w = wrap(base, layers_to_refine=[1, 3])
+    assert sorted(w.refine_cells.keys()) == ["1", "3"]
+    assert len(w._hook_handles) == 2
+    w.remove_hooks()
