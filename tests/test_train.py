@@ -1,0 +1,57 @@
+"""The shared training loop on the tiny preset: loss falls, checkpoints are complete, resume is exact."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rkl import RecursiveConfig
+from rkl.train.phases import PhaseRun, run_phase
+
+FAST = dict(data="shakespeare+arithmetic", max_chars_per_source=40_000, arithmetic_digits=2, seq_len=32,
+            batch_size=8, eval_batches=2, lr=3e-3, warmup_steps=2, log_interval=1, seed=3)
+
+
+def pretrain(tmp_path, name, steps, **kw):
+    config = RecursiveConfig(recursive_enabled=False, steps=steps, eval_interval=steps, save_interval=3, **FAST)
+    run = PhaseRun(phase="pretrain", config=config, model="tiny", out=tmp_path / name, log_dir=tmp_path / "logs" / name,
+                   show_progress=False, **kw)
+    return run_phase(run)
+
+
+def test_pretrain_lowers_validation_loss_and_writes_a_complete_checkpoint(tmp_path):
+    result = pretrain(tmp_path, "base", steps=24)
+    first, last = result.val_history[0], result.val_history[-1]
+    assert first["step"] == 0 and last["step"] == 24
+    assert last["loss"] < first["loss"] - 1.0, (first, last)
+    out = tmp_path / "base"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "recursive_config.json", "run.json",
+                 "training_state.pt"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["step"] == 24 and meta["seed"] == 3 and meta["versions"]["transformers"] == "5.23.0"
+    assert meta["data"]["split_hash"]
+    assert RecursiveConfig.from_file(out / "recursive_config.json").steps == 24
+    assert not list(tmp_path.glob("base.tmp-*")) and not list(tmp_path.glob("base.old-*"))
+    assert list((tmp_path / "logs" / "base").glob("events.out.tfevents.*"))
+
+
+def test_resume_after_interrupt_matches_the_uninterrupted_run(tmp_path):
+    pretrain(tmp_path, "straight", steps=6)
+    interrupted = pretrain(tmp_path, "resumed", steps=6, stop_at=3)
+    assert interrupted.steps_done == 3
+    resumed = pretrain(tmp_path, "resumed", steps=6, resume=True)
+    assert resumed.steps_done == 6
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
+    from rkl.errors import UserError
+
+    with pytest.raises(UserError, match="no resumable checkpoint"):
+        pretrain(tmp_path, "nothing", steps=2, resume=True)
