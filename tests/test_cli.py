@@ -1,0 +1,70 @@
+"""The command line: help for every command, and one clear line with exit code 2 for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from rkl import RecursiveConfig
+from rkl.cli import app
+from rkl.paths import project_root
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["train", "surgery", "eval", "compare", "config"])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_train_help_explains_every_option():
+    out = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    for flag in ("--phase", "--recursive-config", "--model", "--out", "--steps", "--batch-size", "--resume", "--set"):
+        assert flag in out, flag
+
+
+def user_error(args, tmp_path):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert any(line.startswith("error:") for line in lines), result.output
+    return result.output
+
+
+def test_unknown_set_key_names_the_key(tmp_path):
+    out = user_error(["train", "--phase", "a", "--set", "chunk_wdth=4", "--out", str(tmp_path / "x")], tmp_path)
+    assert "chunk_wdth" in out
+    assert not (tmp_path / "x").exists()
+
+
+def test_wrong_type_and_out_of_range_in_a_config_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"chunk_width": "wide"}')
+    assert "chunk_width" in user_error(["train", "--phase", "a", "-c", str(bad)], tmp_path)
+    bad.write_text('{"corruption_rate": 3}')
+    assert "corruption_rate" in user_error(["surgery", "-c", str(bad)], tmp_path)
+
+
+def test_unknown_phase_and_missing_start_checkpoint(tmp_path):
+    assert "unknown phase" in user_error(["train", "--phase", "z"], tmp_path)
+    out = user_error(["train", "--phase", "vanilla", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                     tmp_path)
+    assert "none" in out
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rkl", "config", "--stage", "phase_a", "--set", "seed=-1"],
+                          capture_output=True, text=True, cwd=project_root())
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "seed" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_readme_config_reference_lists_every_field():
+    readme = (project_root() / "README.md").read_text()
+    for name in RecursiveConfig().to_dict():
+        assert f"| `{name}` |" in readme, name
