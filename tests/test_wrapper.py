@@ -293,8 +293,9 @@ def test_refine_chunk_is_deterministic(bases):
         assert torch.equal(x, y)
 
 
-def test_policies_agree_where_they_should(bases):
-    w = wrap(bases["float32"], max_inner_steps=3)
+@pytest.mark.parametrize("latent", [False, True])
+def test_policies_agree_where_they_should(bases, latent):
+    w = wrap(bases["float32"], max_inner_steps=3, use_latent_token=latent)
     randomize_outputs(w)
     ids, mask, snap, prev, chunk, full_mask, editable = chunk_setup(w)
     with torch.no_grad():
@@ -305,6 +306,8 @@ def test_policies_agree_where_they_should(bases):
                               cache_reset_policy="keep_all", edit_rule="argmax")
     w.remove_hooks()
     for a, b in zip(snap_res.logits, reset.logits):  # same computation, cached vs re-run prefix
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    for a, b in zip(snap_res.commit_logits, reset.commit_logits):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(keep.logits[0], snap_res.logits[0])  # step 1 starts from the snapshot too
     assert not torch.allclose(keep.logits[1], snap_res.logits[1], atol=1e-3)  # then it sees its stale chunk

@@ -150,9 +150,11 @@ def new_cache(config: Any, grad_friendly: bool = False) -> DynamicCache:
     """An empty cache for `config` (what generate builds), optionally with the assigning KDA layers."""
     cache = DynamicCache(config=config.get_text_config(decoder=True))
     if grad_friendly:
-        for layer in cache.layers:
+        for i, layer in enumerate(cache.layers):
             if isinstance(layer, LinearAttentionLayer):
-                layer.__class__ = _assigning_class(type(layer))
+                swapped = object.__new__(_assigning_class(type(layer)))
+                vars(swapped).update(vars(layer))
+                cache.layers[i] = swapped
     return cache
 
 
