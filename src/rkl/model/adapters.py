@@ -1,0 +1,104 @@
+"""What phases B and C change inside the base: LoRA adapters (peft) and unfrozen layers.
+
+Both are saved beside the sidecar as small safetensors files, never as a second copy of the base:
+`lora.safetensors` (peft's adapter state) and `unfrozen.safetensors` (full weights of the unfrozen layers).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from rkl.config import RecursiveConfig
+
+LORA_FILE = "lora.safetensors"
+UNFROZEN_FILE = "unfrozen.safetensors"
+# Attention (KDA and MLA) and MLP projections. The routed experts are fused 3-D parameters that LoRA cannot
+# wrap; their shared expert and the dense MLPs are plain Linear layers and are adapted.
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                    "gate_proj", "up_proj", "down_proj")
+
+
+def lora_layers(num_layers: int, which: str) -> list[int]:
+    """'top_third': the last ceil(n/3) decoder layers; 'all': every layer."""
+    if which == "all":
+        return list(range(num_layers))
+    return list(range(num_layers - math.ceil(num_layers / 3), num_layers))
+
+
+def lora_target_regex(layers: list[int]) -> str:
+    layer_alt = "|".join(map(str, layers))
+    proj_alt = "|".join(LORA_PROJECTIONS)
+    return rf"model\.layers\.({layer_alt})\.(self_attn|mlp|mlp\.shared_experts)\.({proj_alt})"
+
+
+def apply_lora(base: torch.nn.Module, config: RecursiveConfig) -> list[torch.nn.Parameter]:
+    """Inject LoRA adapters in place (module objects and forward hooks stay valid); return their parameters."""
+    existing = [p for n, p in base.named_parameters() if "lora_" in n]
+    if existing:  # already injected (resumed run, or phase C continuing phase B's adapters)
+        for p in existing:
+            p.requires_grad_(True)
+        return existing
+    layers = lora_layers(base.config.num_hidden_layers, config.lora_layers)
+    lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                             target_modules=lora_target_regex(layers))
+    inject_adapter_in_model(lora_config, base)
+    params = [p for n, p in base.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def unfrozen_layers(num_layers: int, every: int) -> list[int]:
+    """Every `every`-th decoder layer, counting from 1: layers every-1, 2*every-1, ..."""
+    return [i for i in range(num_layers) if every and (i + 1) % every == 0]
+
+
+def unfreeze(base: torch.nn.Module, config: RecursiveConfig) -> dict[str, torch.nn.Parameter]:
+    """Make every `unfreeze_every`-th layer trainable (LoRA params excluded); return them by name."""
+    chosen = unfrozen_layers(base.config.num_hidden_layers, config.unfreeze_every)
+    params = {}
+    for i in chosen:
+        for name, p in base.model.layers[i].named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(True)
+                params[f"model.layers.{i}.{name}"] = p
+    return params
+
+
+def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum ||theta - theta_0||^2 over the unfrozen parameters (EWC-lite with a unit Fisher)."""
+    total = next(iter(params.values())).new_zeros((), dtype=torch.float32)
+    for name, p in params.items():
+        total = total + (p.float() - reference[name].float()).pow(2).sum()
+    return total
+
+
+def save_base_changes(base: torch.nn.Module, config: RecursiveConfig, out_dir: Path) -> None:
+    if config.lora_rank > 0:
+        state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(base).items()}
+        save_file(state, str(Path(out_dir) / LORA_FILE))
+    if config.unfreeze_every > 0:
+        chosen = unfrozen_layers(base.config.num_hidden_layers, config.unfreeze_every)
+        state = {f"model.layers.{i}.{n}": p.detach().contiguous()
+                 for i in chosen for n, p in base.model.layers[i].named_parameters() if "lora_" not in n}
+        save_file(state, str(Path(out_dir) / UNFROZEN_FILE))
+
+
+def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Path) -> None:
+    """Re-apply what a phase-B/C checkpoint changed in the base (no-op for other checkpoints)."""
+    folder = Path(folder)
+    # LoRA first: an unfrozen layer of phase C was saved with LoRA injected (names like q_proj.base_layer.weight).
+    if (folder / LORA_FILE).is_file():
+        if not any("lora_" in n for n, _ in base.named_parameters()):
+            apply_lora(base, config)
+        device = next(base.parameters()).device
+        set_peft_model_state_dict(base, load_file(str(folder / LORA_FILE), device=str(device)))
+    if (folder / UNFROZEN_FILE).is_file():
+        result = base.load_state_dict(load_file(str(folder / UNFROZEN_FILE)), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{folder / UNFROZEN_FILE} does not fit this base: {result.unexpected_keys[:3]}")
