@@ -33,6 +33,7 @@ from transformers import KimiLinearConfig
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 from rkl.model.base import check_kimi_linear_folder, is_checkpoint_dir, load_base, preset_config, preset_names, resolve_dtype
+from rkl.model.adapters import load_base_changes
 from rkl.model.wrapper import ChunkRefineWrapper, build_sidecar
 from rkl.paths import configs_dir
 
@@ -171,6 +172,8 @@ def load_model_with_config(model: str | Path, config: RecursiveConfig | None = N
                               "(config or weight files changed); its sidecar may not fit this base", stacklevel=2)
     cfg = _resolve_config(folder, config, config_path, recursive_enabled)
     base, tokenizer = load_base(base_ref, dtype=dtype, device_map=device_map, seed=0)
+    if folder is not None:
+        load_base_changes(base, cfg, folder)  # LoRA / unfrozen layers of a phase B/C checkpoint
     if tokenizer is None and folder is not None and base_ref != model:
         from rkl.model.base import load_tokenizer
         tokenizer = load_tokenizer(folder)
