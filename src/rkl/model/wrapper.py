@@ -219,6 +219,10 @@ class ChunkRefineWrapper(nn.Module):
         """The base model's forward, unchanged (no deltas are active outside refinement passes)."""
         return self.base(*args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's HF `generate`, unchanged (token by token, no refinement)."""
+        return self.base.generate(*args, **kwargs)
+
     @property
     def enabled(self) -> bool:
         return self.refine_cells is not None
@@ -420,10 +424,8 @@ class ChunkRefineWrapper(nn.Module):
 
     # ------------------------------------------------------------------------------------------ generation
     def _special_tokens(self) -> tuple[torch.Tensor | None, int | None]:
-        gc = self.base.generation_config
+        gc = self.base.generation_config  # what HF generate reads (it does not fall back to model.config)
         eos = gc.eos_token_id
-        if eos is None:
-            eos = getattr(self.base.config, "eos_token_id", None)
         eos_list = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         pad = gc.pad_token_id
         if pad is None and eos_list:
@@ -455,7 +457,13 @@ class ChunkRefineWrapper(nn.Module):
         max_new_tokens. return_stats=True returns (ids, stats), one dict per chunk: inner_steps, p_commit (per step,
         per row), committed_length, seeded_length, tokens_changed (per step), adopted_seed.
         Disabled wrapper: `base.generate`. commit_threshold None = the config's. Sampling (do_sample) applies
-        temperature and top-p as HF does, but its random draws are not HF's.
+        temperature and top-p as HF does, but its random draws are not HF's, and logits processors configured in
+        the base's generation_config (repetition penalty, ...) are not applied; greedy decoding is exact.
+
+        Exactness at neutral init (greedy == base.generate, any dtype) needs use_soft_tokens off (soft inputs change
+        step 2's logits even with zero deltas) and chunk_width <= config.chunk_width: the untrained length head
+        predicts config.chunk_width tokens, so a wider chunk commits config.chunk_width tokens and re-advances the
+        cache through the chunked path (equal in fp32 up to ~1e-6, not bitwise in bf16).
         """
         base, cfg = self.base, self.config
         if not self.enabled:
