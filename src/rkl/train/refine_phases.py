@@ -83,34 +83,49 @@ class RefineTask:
         if self.unfrozen and c.l2_to_pretrained > 0:
             l2 = l2_to_pretrained(self.unfrozen, self.reference)
             loss = loss + c.l2_to_pretrained * l2
-            stats["loss_l2_pretrained"] = float(l2)
+            stats["loss_l2_pretrained"] = float(l2.detach())
         tokens = batch.prefix_ids.numel() + batch.chunk_ids.numel()
         return loss, {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}, **stats,
                       "corruption_rate": rate, "draft_probability": draft_p, "tokens": float(tokens)}
 
     def refine_losses(self, batch: ChunkBatch, rate: float, gen: torch.Generator, use_draft: bool = False,
                       max_inner_steps: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Run K inner steps over the (corrupted or drafted) chunk and compute the six losses."""
-        prefix = batch.prefix_ids.to(self.device)
-        targets = batch.chunk_ids.to(self.device)
+        """Corrupt (or draft) the chunk, run K inner steps over it and compute the six losses."""
+        chunk_in, loss_mask = self.chunk_inputs(batch, rate, gen, use_draft)
+        terms, stats, _ = self.losses_on(batch.prefix_ids.to(self.device), chunk_in, loss_mask,
+                                         batch.chunk_ids.to(self.device), batch.chunk_valid.to(self.device),
+                                         max_inner_steps)
+        return terms, stats
+
+    def chunk_inputs(self, batch: ChunkBatch, rate: float, gen: torch.Generator, use_draft: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chunk the sidecar reads, loss positions). Leakage rule: a loss position never holds its target:
+        it holds a corrupted token (never equal to the target) or the model's own draft."""
         valid = batch.chunk_valid.to(self.device)
         if use_draft:
-            chunk_in = self.greedy_draft(prefix, targets.shape[1])
-            loss_mask = valid.clone()
-        else:
-            loss_mask = corruption_mask(batch.chunk_valid, rate, self.config.corruption_mask, gen).to(self.device)
-            chunk_in = corrupt(batch.chunk_ids, loss_mask.cpu(), self.wrapper.base.config.vocab_size, gen).to(self.device)
+            return self.greedy_draft(batch.prefix_ids.to(self.device), batch.chunk_ids.shape[1]), valid.clone()
+        loss_mask = corruption_mask(batch.chunk_valid, rate, self.config.corruption_mask, gen)
+        chunk_in = corrupt(batch.chunk_ids, loss_mask, self.wrapper.base.config.vocab_size, gen)
+        return chunk_in.to(self.device), loss_mask.to(self.device)
+
+    def losses_on(self, prefix: torch.Tensor, chunk_in: torch.Tensor, loss_mask: torch.Tensor, targets: torch.Tensor,
+                  valid: torch.Tensor, max_inner_steps: int | None = None):
+        """The six losses of K inner steps over `chunk_in`; the targets enter only the losses, never the model.
+
+        Training lets editable positions take the step's argmax (edit_rule='argmax'): after step 1 the chunk
+        holds the model's own guesses, as it does at inference."""
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=loss_mask,
-                                           max_inner_steps=max_inner_steps)
+                                           max_inner_steps=max_inner_steps, edit_rule="argmax")
         drafts = [torch.where(loss_mask, logits.argmax(-1), chunk_in) for logits in result.logits]
         terms = refinement_losses(result.logits, result.commit_logits, result.length_logits, drafts,
                                   targets, loss_mask, valid)
         n = loss_mask.sum().clamp(min=1)
         acc_k = ((drafts[-1] == targets) & loss_mask).sum() / n
         acc_1 = ((drafts[0] == targets) & loss_mask).sum() / n
-        return terms, {"acc_k": float(acc_k), "acc_1": float(acc_1), "loss_positions": float(loss_mask.sum())}
+        stats = {"acc_k": float(acc_k), "acc_1": float(acc_1), "loss_positions": float(loss_mask.sum())}
+        return terms, stats, result
 
     @torch.no_grad()
     def greedy_draft(self, prefix: torch.Tensor, width: int) -> torch.Tensor:
