@@ -52,6 +52,36 @@ def timed_together(fns, device: str, repeats: int) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
+def check_exact(base, device: str, max_new: int = 24) -> list[tuple[str, bool]]:
+    """Greedy generate_chunks vs base.generate at neutral init: batch 2, uneven left-padded prompts, chunk widths
+    that do and do not divide max_new, K in {1, 4}, [Z] on and off, and an EOS inside a chunk."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, base.config.vocab_size, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = base.generation_config.pad_token_id or 0, 0
+    ids, mask = ids.to(device), mask.to(device)
+    gc = base.generation_config
+    saved_eos = gc.eos_token_id
+    results = []
+    try:
+        free = base.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False)
+        cases = [(4, 1, False, False), (7, 4, True, False), (24, 4, False, False), (5, 4, True, True),
+                 (5, 1, False, True)]
+        for width, k, latent, with_eos in cases:
+            gc.eos_token_id = int(free[1, ids.shape[1] + 8]) if with_eos else saved_eos
+            ref = base.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False)
+            cfg = RecursiveConfig(chunk_width=width, max_chunk_len=max(64, width), max_inner_steps=k,
+                                  use_latent_token=latent)
+            w = ChunkRefineWrapper(base, cfg)
+            out = w.generate_chunks(ids, attention_mask=mask, max_new_tokens=max_new)
+            w.remove_hooks()
+            name = f"W={width} K={k} Z={'on' if latent else 'off'}{' EOS' if with_eos else ''}"
+            results.append((name, out.shape == ref.shape and torch.equal(out, ref)))
+    finally:
+        gc.eos_token_id = saved_eos
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -66,6 +96,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated for TPOT (a multiple of W)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    ap.add_argument("--check-exact", action="store_true", help="also check greedy exactness over several cases")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,6 +169,11 @@ def main() -> None:
                  f"generate_chunks: {t_chunks * 1e3:.1f} ms", f"ratio {ratio:.2f}"))
     rows.append(("floor 1 + K*t_chunk/(W*t_decode)", f"t_chunk {t_chunk * 1e3:.1f} ms", f"t_decode {t_base * 1e3:.1f} ms",
                  f"floor {floor:.2f} (ratio/floor {ratio / floor:.2f})"))
+
+    if args.check_exact:
+        exact = check_exact(base, args.device)
+        rows.append(("greedy exact at init (batch 2, left pad)", f"{sum(ok for _, ok in exact)}/{len(exact)} cases",
+                      "failed: " + (", ".join(n for n, ok in exact if not ok) or "none"), ""))
 
     dev = args.device if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"\n{args.preset} preset, {args.dtype}, {dev}, batch {args.batch}, threads {torch.get_num_threads()}; "

@@ -350,3 +350,23 @@ def test_only_listed_layers_get_cells_and_hooks(bases):
     assert sorted(w.refine_cells.keys()) == ["1", "3"]
     assert len(w._hook_handles) == 2
     w.remove_hooks()
+
+
+def test_mixed_sidecar_and_base_dtypes_never_crash():
+    """Even if only the base is cast after the wrapper was built, the sidecar's fp32 meets bf16 without errors."""
+    base, _ = load_base("tiny")
+    w = wrap(base, max_inner_steps=2, use_latent_token=True)
+    randomize_outputs(w)
+    base.to(torch.bfloat16)
+    assert {p.dtype for p in w.sidecar_parameters()} == {torch.float32}
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    w.train()  # training mode too (phase A runs the frozen base in train mode or eval mode alike)
+    res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+    (res.logits[-1].sum() + res.commit_logits[-1].sum()).backward()
+    assert w.latent_token.embedding.grad is not None  # through the boundary head ([Z] is invisible to the text)
+    assert all(p.grad is not None for p in w.refine_cells.parameters())
+    w.eval()
+    ids, mask = prompt()
+    assert w.generate_chunks(ids, attention_mask=mask, max_new_tokens=4).shape == (2, 11)
+    w.to(torch.bfloat16)  # moving the wrapper moves base and sidecar together
+    assert {p.dtype for p in w.parameters()} == {torch.bfloat16}
