@@ -84,7 +84,7 @@ class CacheSnapshot:
     cache_cls: type
     cache_attrs: dict[str, Any]
     layers: list[tuple[type, dict[str, Any]]]
-    seq_length: int
+    seq_length: int | None  # tokens in the MLA cache; None for a cache without attention layers
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,7 +118,11 @@ def snapshot_cache(cache: Cache) -> CacheSnapshot:
     """Snapshot `cache` at this moment; the cache itself is left untouched and may keep being used."""
     layers = [(type(layer), _copy_layer_attrs(layer, clone=True)) for layer in cache.layers]
     attrs = {k: v for k, v in vars(cache).items() if k != "layers"}
-    return CacheSnapshot(cache_cls=type(cache), cache_attrs=attrs, layers=layers, seq_length=cache.get_seq_length())
+    try:
+        seq_length = cache.get_seq_length()
+    except ValueError:  # only linear-attention layers: nothing records a length
+        seq_length = None
+    return CacheSnapshot(cache_cls=type(cache), cache_attrs=attrs, layers=layers, seq_length=seq_length)
 
 
 def restore_cache(snapshot: CacheSnapshot, grad_friendly: bool = False) -> Cache:

@@ -23,7 +23,10 @@ For t = 1..K:
    the MLA latents already hold steps 1..t-1's chunk (and [Z]) on top of the prefix, so the chunk "follows itself"
    K times. That is wrong as text (the chunk sees stale copies of itself as earlier context) and exists only as a
    measured ablation;
-2. run the W chunk positions (+ the latent [Z] after them when on) with the deltas of the cells' states;
+2. run the W chunk positions with the deltas of the cells' states; with `use_latent_token`, [Z] follows as a
+   one-position forward continuing the working cache (so it sits after the chunk and attends to all of it, while
+   the text positions' forward is bitwise the one without [Z]); [Z] gets no delta and never enters a committed
+   cache;
 3. logits aligned so that entry j predicts chunk position j: entry 0 = prev_logits, entries 1..W-1 = the chunk's
    logits at positions 0..W-2 (kept in float32);
 4. boundary head on the summary (the [Z] position's final hidden state, or the last valid chunk position's) ->
@@ -332,6 +335,10 @@ class ChunkRefineWrapper(nn.Module):
             if snapshot is None:
                 raise ValueError(f"cache_reset_policy={policy!r} needs the chunk-start snapshot")
             p_len = snapshot.seq_length
+            if p_len is None:  # a cache without attention layers records no length: take it from the mask
+                if attention_mask is None or attention_mask.shape[1] <= w:
+                    raise ValueError("this snapshot records no prefix length: pass attention_mask over prefix + chunk")
+                p_len = attention_mask.shape[1] - w
         ones = lambda n: torch.ones(b, n, dtype=torch.long, device=dev)  # noqa: E731
         if attention_mask is None or attention_mask.shape[1] == w:
             pm = prefix_mask.long() if prefix_mask is not None else ones(p_len)
