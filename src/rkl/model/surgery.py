@@ -72,7 +72,7 @@ def _base_config(model: str | Path) -> KimiLinearConfig:
 
 
 def _config_dtype(cfg: KimiLinearConfig) -> torch.dtype:
-    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    dt = getattr(cfg, "dtype", None)  # transformers 5 reads a config.json's torch_dtype into `dtype`
     if isinstance(dt, torch.dtype):
         return dt
     if isinstance(dt, str):
