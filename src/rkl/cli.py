@@ -8,6 +8,7 @@ cause end in one line naming the cause and the fix, exit code 2, no traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -167,7 +168,16 @@ def config(
         console.print(f"[bold]{name}[/] ({tp}, default {default!r}): {doc}", soft_wrap=True)
 
 
+class _ReferenceKernelNotice(logging.Filter):
+    """On a CPU the pure-PyTorch KDA path is the intended one (README, "Install"): drop transformers' notice
+    telling the user to install kernels that cannot run there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
 def main() -> None:
+    logging.getLogger("transformers.integrations.hub_kernels").addFilter(_ReferenceKernelNotice())
     app(prog_name="rkl")
 
 
