@@ -8,18 +8,24 @@ mkdir -p "$OUT"
 export RKL_ROOT=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
+PART=${1:-all}   # bench | pipeline | all
+if [[ $PART == bench || $PART == all ]]; then
 # 1. Promise 1 on the GPU (fla kernels, bf16): greedy generate_chunks == base.generate; inner-step cost vs prefix.
 python3 scripts/bench_inner_loop.py --device cuda --dtype bfloat16 --preset tiny --check-exact 2>&1 | tee "$OUT/bench_tiny_bf16.txt"
 python3 scripts/bench_inner_loop.py --device cuda --dtype bfloat16 --preset small --check-exact --repeats 5 2>&1 | tee "$OUT/bench_small_bf16.txt"
 
+fi
+if [[ $PART == pipeline || $PART == all ]]; then
 # 2. The pipeline on the GPU (bf16 autocast): pretrain the small preset briefly, surgery, phase A; tokens/s from the logs.
 W="$OUT/work"; mkdir -p "$W"
-COMMON=(--set data=stdlib+arithmetic --set max_chars_per_source=20000000 --set eval_batches=2)
-python3 -m rkl train --phase pretrain --model small --out "$W/baseline" --steps 60 --batch-size 8 \
-  --set seq_len=1024 --set lr=1e-3 --set eval_interval=30 --set log_interval=10 "${COMMON[@]}" 2>&1 | tail -4 | tee "$OUT/pretrain_small.txt"
+COMMON=(--set data=stdlib+arithmetic --set max_chars_per_source=3000000 --set eval_batches=2)
+s=$SECONDS; python3 -m rkl train --phase pretrain --model small --out "$W/baseline" --steps 60 --batch-size 8 \
+  --set seq_len=1024 --set lr=1e-3 --set eval_interval=30 --set log_interval=10 "${COMMON[@]}" 2>&1 | tee "$OUT/pretrain_small.txt" | tail -4
+echo "pretrain wall $((SECONDS-s)) s" | tee -a "$OUT/summary.txt"
 python3 -m rkl surgery --model "$W/baseline" --out "$W/after_surgery" --set chunk_width=64 --set max_chunk_len=64 2>&1 | tail -2 | tee "$OUT/surgery_small.txt"
-python3 -m rkl train --phase a --model "$W/after_surgery" --out "$W/phase_a" --steps 40 --batch-size 8 \
-  --set chunk_width=64 --set max_chunk_len=64 --set seq_len=1088 --set eval_interval=20 --set log_interval=10 "${COMMON[@]}" 2>&1 | tail -4 | tee "$OUT/phase_a_small.txt"
+s=$SECONDS; python3 -m rkl train --phase a --model "$W/after_surgery" --out "$W/phase_a" --steps 40 --batch-size 8 \
+  --set chunk_width=64 --set max_chunk_len=64 --set seq_len=1088 --set eval_interval=20 --set log_interval=10 "${COMMON[@]}" 2>&1 | tee "$OUT/phase_a_small.txt" | tail -4
+echo "phase a wall $((SECONDS-s)) s" | tee -a "$OUT/summary.txt"
 python3 - "$OUT" <<'PY'
 import sys, glob
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -33,4 +39,5 @@ for run in ("baseline", "phase_a"):
         line = f"{run}: median tokens/s {sorted(tps)[len(tps)//2]:.0f}, peak mem {max(mem):.2f} GiB" if tps else f"{run}: no logs"
         print(line); open(f"{out}/summary.txt", "a").write(line + "\n")
 PY
-echo "== summary"; grep -h -A12 "inner step" "$OUT"/bench_*_bf16.txt | head -40; cat "$OUT/summary.txt"
+fi
+echo "== summary"; grep -h -A12 "inner step" "$OUT"/bench_*_bf16.txt 2>/dev/null | head -40 || true; cat "$OUT/summary.txt" 2>/dev/null || true

@@ -27,10 +27,11 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE with exactly `vocab_size` entries (specials and all 256 bytes included).
+def train_tokenizer(texts: Iterable[str], vocab_size: int, exact: bool = True) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE with `vocab_size` entries (specials and all 256 bytes included).
 
-    Raises UserError when vocab_size is below 259 or the corpus has too few distinct pairs to reach it.
+    Raises UserError when vocab_size is below 259, or, with `exact`, when the corpus has too few distinct pairs
+    to reach it (without `exact` the tokenizer may be smaller: the model's extra embedding rows go unused).
     """
     if vocab_size < MIN_VOCAB:
         raise UserError(f"vocab_size {vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB}")
@@ -45,7 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     tok.train_from_iterator(texts, trainer=trainer)
     got = tok.get_vocab_size()
-    if got != vocab_size:
+    if got > vocab_size or (exact and got != vocab_size):
         raise UserError(f"the corpus only supports {got} tokens, not vocab_size {vocab_size}: "
                         "train on more text or lower the vocabulary size")
     for i, t in enumerate(SPECIAL_TOKENS):

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, KimiLinearConfig, KimiLinearForCausalLM, PreTrainedTokenizerBase
 
 from rkl.errors import UserError
+from rkl.model.kernels import use_small_reference_kda_chunks
 from rkl.paths import configs_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -56,6 +57,7 @@ def check_kimi_linear_folder(path: Path) -> None:
 def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
               seed: int = 0) -> tuple[KimiLinearForCausalLM, PreTrainedTokenizerBase | None]:
     """Load a checkpoint folder (with its tokenizer, if it has one) or build a preset (no tokenizer)."""
+    use_small_reference_kda_chunks()  # CPU only: the reference KDA's Python loop runs per chunk row
     torch_dtype = resolve_dtype(dtype)
     path = Path(model)
     if path.is_dir():

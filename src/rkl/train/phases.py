@@ -87,7 +87,8 @@ def _run_lm_phase(run: PhaseRun) -> TrainResult:
     if tokenizer is None:
         documents = load_documents(config.data, "train", arithmetic_digits=config.arithmetic_digits,
                                    max_chars=config.max_chars_per_source)
-        tokenizer = train_tokenizer(documents, model.config.vocab_size)
+        # A big preset vocabulary on a small corpus leaves embedding rows unused rather than failing.
+        tokenizer = train_tokenizer(documents, model.config.vocab_size, exact=False)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -95,7 +96,7 @@ def _run_lm_phase(run: PhaseRun) -> TrainResult:
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()),
-                        parameters=sum(p.numel() for p in model.parameters()))
+                        parameters=sum(p.numel() for p in model.parameters()), tokenizer_size=len(tokenizer))
     task = LMTask(model, tokenizer, config, train_stream, val_stream, accelerator.device)
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)
