@@ -124,7 +124,7 @@ class RefineTask:
         n = loss_mask.sum().clamp(min=1)
         acc_k = ((drafts[-1] == targets) & loss_mask).sum() / n
         acc_1 = ((drafts[0] == targets) & loss_mask).sum() / n
-        stats = {"acc_k": float(acc_k), "acc_1": float(acc_1), "loss_positions": float(loss_mask.sum())}
+        stats = {"acc_k": float(acc_k), "acc_1": float(acc_1), "n_loss_positions": float(loss_mask.sum())}
         return terms, stats, result
 
     @torch.no_grad()
