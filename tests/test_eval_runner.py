@@ -169,3 +169,14 @@ def test_missing_checkpoint_is_one_line_user_error(tmp_path, monkeypatch):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "rkl train --phase b" in lines[0], result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_chunk_width_override_is_its_own_result_name(tmp_path):
+    from rkl.eval.runner import resolve_eval_config
+
+    path = tmp_path / "c.json"
+    RecursiveConfig(chunk_width=8).save(path)
+    config, _, changed = resolve_eval_config("phase_a", None, path, [], 16)
+    assert config.chunk_width == 16 and changed
+    config, _, changed = resolve_eval_config("phase_a", None, path, [], 8)
+    assert config.chunk_width == 8 and not changed

@@ -97,7 +97,7 @@ def test_vanilla_fine_tunes_the_base(stages):
 def test_phase_a_resume_matches_uninterrupted(stages):
     _, straight = train(stages, "a", "after_surgery", steps=4)
     a = load_file(str(straight / "sidecar.safetensors"))
-    config = RecursiveConfig(steps=4, eval_interval=4, save_interval=2, **REFINE)
+    config = RecursiveConfig(steps=4, eval_interval=4, save_interval=3, **REFINE)  # stop_at 2 is not a save step
     out = stages / "phase_a_resumed"
     run_phase(PhaseRun("a", config, str(stages / "after_surgery"), out, stages / "logs/r", stop_at=2,
                        show_progress=False))

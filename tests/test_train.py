@@ -39,8 +39,8 @@ def test_pretrain_lowers_validation_loss_and_writes_a_complete_checkpoint(tmp_pa
 
 def test_resume_after_interrupt_matches_the_uninterrupted_run(tmp_path):
     pretrain(tmp_path, "straight", steps=6)
-    interrupted = pretrain(tmp_path, "resumed", steps=6, stop_at=3)
-    assert interrupted.steps_done == 3
+    interrupted = pretrain(tmp_path, "resumed", steps=6, stop_at=4)  # 4 is not a save_interval (3) step
+    assert interrupted.steps_done == 4 and interrupted.interrupted
     resumed = pretrain(tmp_path, "resumed", steps=6, resume=True)
     assert resumed.steps_done == 6
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))

@@ -87,12 +87,12 @@ def train(
                             steps=steps, batch_size=batch_size)
     out = out or checkpoint_dir(stage)
     run = PhaseRun(phase=phase, config=config, model=model or default_init(phase), out=out,
-                   log_dir=logs_dir() / stage, resume=resume, stop_at=stop_at, dtype=dtype)
+                   log_dir=logs_dir() / out.name, resume=resume, stop_at=stop_at, dtype=dtype)
     console.print(f"[bold]rkl train[/] phase={phase} from={run.model} -> {out}  (TensorBoard: {run.log_dir})")
     result = run_phase(run)
     if result.interrupted:
-        console.print(f"[yellow]interrupted at step {result.steps_done}; checkpoint in {out}; continue with --resume")
-        raise typer.Exit(130)
+        console.print(f"[yellow]stopped at step {result.steps_done}; checkpoint in {out}; continue with --resume")
+        raise typer.Exit(0 if stop_at else 130)
     if result.val_history:
         first, last = result.val_history[0], result.val_history[-1]
         console.print(f"validation loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "

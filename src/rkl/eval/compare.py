@@ -138,7 +138,14 @@ def check_splits(results: dict[str, dict[str, Any]], stages: list[str]) -> list[
     if len(stages) < 2:
         return []
     out = []
-    hashes = {s: (results[s].get("data") or {}).get("split_hash") for s in stages}
+    def data_key(result: dict[str, Any]) -> str | None:
+        """The split, the eval set (chunk width, corruption, counts) and the test tokens: all must match."""
+        data = result.get("data") or {}
+        if not data.get("split_hash"):
+            return None
+        return "/".join(str(data.get(k) or "") for k in ("split_hash", "eval_set_sha256", "test_stream_sha256"))
+
+    hashes = {s: data_key(results[s]) for s in stages}
     missing = [s for s in stages if not hashes[s]]
     if missing:
         out.append(f"WARNING: no data.split_hash in {', '.join(missing)}: cannot verify they were scored on the "

@@ -16,8 +16,8 @@ import torch
 from rkl.data.chunks import chunk_batch, corrupt, corruption_mask
 from rkl.data.packing import step_generator
 from rkl.eval.metrics import NLLAccumulator, length_mae, length_mse, stability_at_k
-from rkl.eval.tasks import (CHUNK_BATCH, EVAL_SEED, PREFIX_RANGE, RESTORE_MASK, Group, Tick, cluster_se, model_device,
-                            row_stats)
+from rkl.eval.tasks import (CHUNK_BATCH, EVAL_SEED, PREFIX_RANGE, RESTORE_MASK, RESTORE_RATE, Group, Tick,
+                            cluster_se, model_device, row_stats)
 from rkl.model.cache import restore_cache
 from rkl.train.losses import length_targets
 
@@ -68,10 +68,10 @@ class _Restore:
         self.true_len: list[int] = []
         self.unchanged = self.n_edit = 0.0
 
-    def add(self, wrapper, chunk, mask, target, valid, snap, prev, config, width: int) -> None:
+    def add(self, wrapper, chunk, mask, target, valid, snap, prev, config, width: int, prefix) -> None:
         if wrapper.enabled:
             res = wrapper.refine_chunk(chunk, snap, prev, mask, max_inner_steps=config.max_inner_steps,
-                                       commit_threshold=None, edit_rule=RESTORE_EDIT_RULE)
+                                       commit_threshold=None, edit_rule=RESTORE_EDIT_RULE, prefix_ids=prefix)
             first, last = res.logits[0], res.logits[-1]
             if res.length_logits[-1] is not None:
                 self.pred_len += (res.length_logits[-1].argmax(-1) + 1).clamp(1, width).tolist()
@@ -110,7 +110,7 @@ def chunk_tasks(wrapper, stream: torch.Tensor, config, vocab_size: int, special_
                 width: int, total: int, tick: Tick) -> Group:
     """Restoration and draft quality on the same fixed (prefix, true chunk) pairs; the prefix runs once.
 
-    Restoration: a fraction config.corruption_rate of each chunk's valid positions (random mask, at least one
+    Restoration: a fraction RESTORE_RATE (fixed, the same for every stage) of each chunk's valid positions (random mask, at least one
     per chunk) is replaced by other non-special tokens; the sidecar refines the corrupted chunk with exactly
     those positions editable, all K steps, under the training edit rule (RESTORE_EDIT_RULE = "argmax": after
     each step the editable positions hold that step's argmax, as in phases A-C). restore_ce/acc_1: CE and argmax
@@ -136,14 +136,15 @@ def chunk_tasks(wrapper, stream: torch.Tensor, config, vocab_size: int, special_
         target, valid = batch.chunk_ids.to(dev), batch.chunk_valid.to(dev)
         snap, prev = wrapper.prepare_prefix(batch.prefix_ids.to(dev))
         g = step_generator(EVAL_SEED, i, "eval-corrupt")
-        mask = corruption_mask(batch.chunk_valid, config.corruption_rate, RESTORE_MASK, g)
+        mask = corruption_mask(batch.chunk_valid, RESTORE_RATE, RESTORE_MASK, g)
         chunk = corrupt(batch.chunk_ids, mask, vocab_size, g, special_ids).to(dev)
-        restore.add(wrapper, chunk, mask.to(dev), target, valid, snap, prev, config, width)
+        prefix = batch.prefix_ids.to(dev)
+        restore.add(wrapper, chunk, mask.to(dev), target, valid, snap, prev, config, width, prefix)
         draft = greedy_draft(wrapper, snap, prev, width)
         hits += ((draft == target) & valid).double().sum(1).tolist()
         sizes += valid.double().sum(1).tolist()
         if wrapper.enabled:
-            res = wrapper.refine_chunk(draft, snap, prev, torch.ones_like(valid),
+            res = wrapper.refine_chunk(draft, snap, prev, torch.ones_like(valid), prefix_ids=prefix,
                                        max_inner_steps=config.max_inner_steps, commit_threshold=config.commit_threshold)
             hits_ref += ((res.final_tokens == target) & valid).double().sum(1).tolist()
             unchanged += stability_at_k([draft] + list(res.tokens), valid) * float(valid.sum())

@@ -37,6 +37,7 @@ from rkl.data.packing import encode_documents
 from rkl.errors import UserError
 from rkl.eval import generation, refinement, tasks
 from rkl.eval.results import make_result, save_result, sha256_file, sha256_json
+from rkl.model.surgery import CONFIG_FILE, SIDECAR_FILE, SURGERY_FILE
 from rkl.paths import PHASE_STAGES, STAGE_CONFIGS, checkpoint_dir, eval_results_dir, logs_dir, stage_config_path
 from rkl.runmeta import git_commit
 
@@ -45,7 +46,6 @@ FULL_HASH_LIMIT = 1 << 30  # folders above 1 GiB get the cheap fingerprint (conf
 TIMING_METRICS = frozenset({"tpot_ms", "tpot_ms_plain", "tpot_uplift", "tokens_per_s", "tokens_per_s_plain",
                             "peak_memory_mb"})
 SMALL_MODEL_PARAMS = 100_000_000  # below this, CPU evaluation runs single-threaded (see cpu_threads)
-SIDECAR_FILE, CONFIG_FILE = "sidecar.safetensors", "recursive_config.json"
 
 
 def _make_command(stage: str) -> str:
@@ -71,8 +71,8 @@ def resolve_model(stage: str, model: str | None) -> Path | str:
 
 
 def resolve_eval_config(stage: str, folder: Path | None, config_path: str | Path | None, overrides: list[str],
-                        chunk_width: int | None) -> tuple[RecursiveConfig, str]:
-    """(config, where it came from)."""
+                        chunk_width: int | None) -> tuple[RecursiveConfig, str, bool]:
+    """(config, where it came from, whether --chunk-width changed its chunk width)."""
     if config_path is not None:
         source = str(config_path)
     elif folder is not None and (folder / SIDECAR_FILE).is_file() and (folder / CONFIG_FILE).is_file():
@@ -82,9 +82,10 @@ def resolve_eval_config(stage: str, folder: Path | None, config_path: str | Path
     else:
         source = str(stage_config_path("baseline"))
     config = RecursiveConfig.from_file(source).with_overrides(list(overrides or []))
-    if chunk_width is not None:
-        config = config.replace(chunk_width=chunk_width)  # > max_chunk_len is refused: the length head cannot say it
-    return config, source
+    if chunk_width is None or chunk_width == config.chunk_width:
+        return config, source, False
+    # > max_chunk_len is refused by validation: the length head cannot say it
+    return config.replace(chunk_width=chunk_width), f"{source} (chunk_width {chunk_width} from --chunk-width)", True
 
 
 def checkpoint_record(model: Path | str) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def checkpoint_record(model: Path | str) -> dict[str, Any]:
             if p.suffix == ".json":
                 h.update(p.read_bytes())
         rec.update(sha256=h.hexdigest(), hash="folder > 1 GiB: JSON files' bytes + every file's name and size")
-    surgery = path / "surgery.json"
+    surgery = path / SURGERY_FILE
     if surgery.is_file():
         info = json.loads(surgery.read_text())
         rec.update(base=info.get("base"), base_sha256=info.get("base_sha256"))
@@ -120,7 +121,7 @@ def _data_record(config: RecursiveConfig, stream: torch.Tensor, width: int, size
     eval_set = {"split": "test", "max_chars_per_source": config.max_chars_per_source, "seed": tasks.EVAL_SEED,
                 **sizes, "ppl_len": tasks.PPL_LEN, "chunk_batch": tasks.CHUNK_BATCH, "gen_batch": tasks.GEN_BATCH,
                 "prefix_range": list(tasks.PREFIX_RANGE), "chunk_width": width,
-                "corruption_rate": config.corruption_rate, "corruption_mask": tasks.RESTORE_MASK,
+                "corruption_rate": tasks.RESTORE_RATE, "corruption_mask": tasks.RESTORE_MASK,
                 "restore_edit_rule": refinement.RESTORE_EDIT_RULE,
                 "arithmetic_digits": config.arithmetic_digits}
     return {**info, "eval_set": eval_set, "eval_set_sha256": sha256_json(eval_set), "test_tokens": int(stream.numel()),
@@ -149,7 +150,8 @@ def cpu_threads(wrapper) -> Iterator[None]:
     oversubscribe the cores: measured on the tiny preset with other jobs running, the chunk tasks took 48 s with 2
     threads and 2 s with 1."""
     n = torch.get_num_threads()
-    small = sum(p.numel() for p in wrapper.parameters()) < SMALL_MODEL_PARAMS
+    # the base alone decides: baseline and after_surgery must run with the same threads to compare bitwise
+    small = sum(p.numel() for p in wrapper.base.parameters()) < SMALL_MODEL_PARAMS
     if tasks.model_device(wrapper).type != "cpu" or not small or "OMP_NUM_THREADS" in os.environ:
         yield
         return
@@ -194,7 +196,8 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     timings: dict[str, float] = {}
     target = resolve_model(stage, model)
     folder = Path(target) if Path(target).is_dir() else None
-    config, config_source = resolve_eval_config(stage, folder, config_path, overrides or [], chunk_width)
+    config, config_source, width_changed = resolve_eval_config(stage, folder, config_path, overrides or [],
+                                                               chunk_width)
     if config.recursive_enabled and folder is not None and not (folder / SIDECAR_FILE).is_file():
         raise UserError(f"{folder} has no {SIDECAR_FILE}, but the config turns recursion on: a fresh sidecar would be "
                         "scored as if trained; pass --set recursive_enabled=false, or finish that stage's training")
@@ -219,7 +222,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     data = _data_record(config, stream, width, sizes)
     timings["data_s"] = time.perf_counter() - t0
 
-    vocab = wrapper.base.config.vocab_size
+    vocab = min(len(tokenizer), wrapper.base.config.vocab_size)  # corrupt only into tokens the tokenizer makes
     special = tuple(sorted(set(tokenizer.all_special_ids)))
     eos = tokenizer.eos_token_id
     groups: list[tasks.Group] = []
@@ -254,14 +257,16 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     ckpt = checkpoint_record(target)
     timings["hash_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
+    # A length-generalisation run (--chunk-width) is its own result, never a silent replacement of the stage's.
+    name = f"{stage}_w{chunk_width}" if width_changed else stage
     result = make_result(
-        stage, metrics, counts=counts, stderr=stderr, config=config.to_dict(), checkpoint=ckpt, data=data,
+        name, metrics, counts=counts, stderr=stderr, config=config.to_dict(), checkpoint=ckpt, data=data,
         device=_device_name(threads), timings=timings, committed_lengths=extra.get("committed_lengths", []),
         greedy_sha256=extra.get("greedy_sha256"), recursion=wrapper.enabled,
         eval={"config_source": config_source, "limit": limit, "dtype": str(wrapper.base.dtype).replace("torch.", ""),
               "chunk_width": width, "max_inner_steps": config.max_inner_steps, "eval_seed": tasks.EVAL_SEED,
               "git_commit": git_commit(), "command": " ".join(sys.argv), "torch_threads": threads})
     path = save_result(result, Path(results_dir) if results_dir is not None else eval_results_dir())
-    log_tensorboard(stage, metrics, result["committed_lengths"],
-                    Path(log_dir) if log_dir is not None else logs_dir() / "eval" / stage, _training_step(folder))
+    log_tensorboard(name, metrics, result["committed_lengths"],
+                    Path(log_dir) if log_dir is not None else logs_dir() / "eval" / name, _training_step(folder))
     return path

@@ -30,7 +30,8 @@ EVAL_SEED = 20_261_103      # seeds every held-out example set (chunk positions,
 PPL_LEN, PPL_BATCH = 128, 8  # perplexity windows: 128 scored tokens each
 CHUNK_BATCH = 16
 PREFIX_RANGE = (16, 48)     # prefix length P per chunk batch, uniform in this range (fixed for every stage)
-RESTORE_MASK = "random"     # corruption positions: independent per position (rate = config.corruption_rate)
+RESTORE_MASK = "random"     # corruption positions: independent per position
+RESTORE_RATE = 0.3          # fixed for every stage, so restoration is scored on the same corrupted chunks
 GEN_BATCH = 25
 # How many examples each group scores. On CPU the pure-PyTorch KDA fallback pads every chunk forward to 64
 # positions, so each refine pass of one row costs ~30-50 ms on the tiny model whatever W is: these sizes keep one

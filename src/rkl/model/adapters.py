@@ -6,6 +6,7 @@ Both are saved beside the sidecar as small safetensors files, never as a second 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 
 from rkl.config import RecursiveConfig
+from rkl.errors import UserError
 
 LORA_FILE = "lora.safetensors"
 UNFROZEN_FILE = "unfrozen.safetensors"
+LORA_SHAPE_FILE = "lora_config.json"  # rank, alpha, layers the adapters were built with
 # Attention (KDA and MLA) and MLP projections. The routed experts are fused 3-D parameters that LoRA cannot
 # wrap; their shared expert and the dense MLPs are plain Linear layers and are adapted.
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "kv_a_proj_with_mqa", "kv_b_proj",
@@ -38,19 +41,20 @@ def lora_target_regex(layers: list[int]) -> str:
 
 def apply_lora(base: torch.nn.Module, config: RecursiveConfig) -> list[torch.nn.Parameter]:
     """Inject LoRA adapters in place (module objects and forward hooks stay valid); return their parameters."""
-    existing = [p for n, p in base.named_parameters() if "lora_" in n]
-    if existing:  # already injected (resumed run, or phase C continuing phase B's adapters)
-        for p in existing:
-            p.requires_grad_(True)
-        return existing
-    layers = lora_layers(base.config.num_hidden_layers, config.lora_layers)
-    lora_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                             target_modules=lora_target_regex(layers))
-    inject_adapter_in_model(lora_config, base)
+    if not any("lora_" in n for n, _ in base.named_parameters()):  # else: resumed, or phase B's adapters
+        inject_lora(base, {"rank": config.lora_rank, "alpha": config.lora_alpha, "layers": config.lora_layers})
     params = [p for n, p in base.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def inject_lora(base: torch.nn.Module, shape: dict) -> None:
+    """Inject adapters of `shape` ({"rank", "alpha", "layers"}) and remember it for saving."""
+    layers = lora_layers(base.config.num_hidden_layers, shape["layers"])
+    inject_adapter_in_model(LoraConfig(r=shape["rank"], lora_alpha=shape["alpha"], lora_dropout=0.0,
+                                       target_modules=lora_target_regex(layers)), base)
+    base.rkl_lora_shape = dict(shape)
 
 
 def unfrozen_layers(num_layers: int, every: int) -> list[int]:
@@ -79,9 +83,10 @@ def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str,
 
 
 def save_base_changes(base: torch.nn.Module, config: RecursiveConfig, out_dir: Path) -> None:
-    if config.lora_rank > 0:
+    if any("lora_" in n for n, _ in base.named_parameters()):  # also adapters inherited from phase B
         state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(base).items()}
         save_file(state, str(Path(out_dir) / LORA_FILE))
+        (Path(out_dir) / LORA_SHAPE_FILE).write_text(json.dumps(base.rkl_lora_shape) + "\n")
     if config.unfreeze_every > 0:
         chosen = unfrozen_layers(base.config.num_hidden_layers, config.unfreeze_every)
         state = {f"model.layers.{i}.{n}": p.detach().contiguous()
@@ -94,11 +99,20 @@ def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Pa
     folder = Path(folder)
     # LoRA first: an unfrozen layer of phase C was saved with LoRA injected (names like q_proj.base_layer.weight).
     if (folder / LORA_FILE).is_file():
+        # The adapters' shape comes from the file saved with them, not from the current config: phase C may
+        # run with another lora_rank than the phase B that trained them.
+        shape = json.loads((folder / LORA_SHAPE_FILE).read_text())
         if not any("lora_" in n for n, _ in base.named_parameters()):
-            apply_lora(base, config)
+            inject_lora(base, shape)
         device = next(base.parameters()).device
-        set_peft_model_state_dict(base, load_file(str(folder / LORA_FILE), device=str(device)))
+        try:
+            set_peft_model_state_dict(base, load_file(str(folder / LORA_FILE), device=str(device)))
+        except RuntimeError as e:
+            raise UserError(f"LoRA weights in {folder} do not fit this base ({str(e).splitlines()[0]})") from None
     if (folder / UNFROZEN_FILE).is_file():
-        result = base.load_state_dict(load_file(str(folder / UNFROZEN_FILE)), strict=False)
+        try:
+            result = base.load_state_dict(load_file(str(folder / UNFROZEN_FILE)), strict=False)
+        except RuntimeError as e:
+            raise UserError(f"{folder / UNFROZEN_FILE} does not fit this base ({str(e).splitlines()[0]})") from None
         if result.unexpected_keys:
-            raise ValueError(f"{folder / UNFROZEN_FILE} does not fit this base: {result.unexpected_keys[:3]}")
+            raise UserError(f"{folder / UNFROZEN_FILE} does not fit this base: {result.unexpected_keys[:3]}")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from rkl.model.base import check_kimi_linear_folder, is_checkpoint_dir, load_bas
 from rkl.model.adapters import load_base_changes
 from rkl.model.wrapper import ChunkRefineWrapper, build_sidecar
 from rkl.paths import configs_dir
+from rkl.train.checkpoint import atomic_dir
 
 SIDECAR_FILE = "sidecar.safetensors"
 CONFIG_FILE = "recursive_config.json"
@@ -97,25 +96,12 @@ def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: s
     n_params = sum(v.numel() for v in state.values())
     n_bytes = sum(v.numel() * v.element_size() for v in state.values())
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    info = {"base": ref, "base_sha256": sha, "sidecar_params": n_params, "sidecar_bytes": n_bytes,
+            "dtype": str(torch_dtype).replace("torch.", "")}
+    with atomic_dir(out) as tmp:
         save_file(state, str(tmp / SIDECAR_FILE), metadata={"format": "pt"})
         config.save(tmp / CONFIG_FILE)
-        info = {"base": ref, "base_sha256": sha, "sidecar_params": n_params, "sidecar_bytes": n_bytes,
-                "dtype": str(torch_dtype).replace("torch.", "")}
         (tmp / SURGERY_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), **info}
 
 

@@ -25,18 +25,19 @@ def ngram_drift(reference: list[list[int]], current: list[list[int]], n: int) ->
 
 
 class DriftProbe:
-    """Generates from fixed prompts at construction (the reference) and again at every measure()."""
+    """Reference generations from the pretrained base at construction; the trained base's at every measure()."""
 
-    def __init__(self, wrapper, tokenizer, config: RecursiveConfig, device: torch.device, new_tokens: int = 24):
+    def __init__(self, wrapper, tokenizer, config: RecursiveConfig, device: torch.device,
+                 reference_model: torch.nn.Module, new_tokens: int = 24):
         self.wrapper, self.tokenizer, self.device, self.new_tokens = wrapper, tokenizer, device, new_tokens
         prompts = [p.prompt for p in arithmetic_problems("val", config.arithmetic_digits, n=4)]
         prompts += ["def ", "class ", "KING HENRY.\n", "import "]
         self.prompts = [torch.tensor([tokenizer.encode(p)], device=device) for p in prompts]
-        self.reference = self.generate()
+        self.reference = self.generate(reference_model)
 
     @torch.no_grad()
-    def generate(self) -> list[list[int]]:
-        base = self.wrapper.base
+    def generate(self, base: torch.nn.Module | None = None) -> list[list[int]]:
+        base = base if base is not None else self.wrapper.base
         was_training = base.training
         base.eval()
         outs = []

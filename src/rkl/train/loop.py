@@ -75,15 +75,16 @@ def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not show_progress)
-    step = start
-    if start == 0:
-        # Step-0 validation: the untrained starting point every later number is compared with.
+    def validate(step: int) -> None:
         task.train_mode(False)
         val = task.validate()
         for k, v in val.items():
-            writer.add_scalar(f"val/{k}", v, 0)
-        result.val_history.append({"step": 0, **val})
+            writer.add_scalar(f"val/{k}", v, step)
+        result.val_history.append({"step": step, **val})
+
     try:
+        if start == 0:
+            validate(0)  # the untrained starting point every later number is compared with
         with progress:
             bar = progress.add_task("train", total=config.steps, completed=start, info="", rate="")
             for step in range(start, end):
@@ -100,22 +101,22 @@ def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                result.steps_done = step + 1  # from here on, an interrupt checkpoints this step
                 elapsed = time.perf_counter() - t0
                 scalars.update(grad_norm=float(grad_norm), tokens_per_s=scalars.get("tokens", 0.0) / elapsed)
                 if (step + 1) % config.log_interval == 0 or step == start or step + 1 == config.steps:
                     _log_step(writer, step + 1, scalars, optimizer)
                     result.history.append({"step": step + 1, **scalars})
                 if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps:
-                    task.train_mode(False)
-                    val = task.validate()
-                    for k, v in val.items():
-                        writer.add_scalar(f"val/{k}", v, step + 1)
-                    result.val_history.append({"step": step + 1, **val})
+                    validate(step + 1)
                 if (step + 1) % config.save_interval == 0 or step + 1 == config.steps:
                     checkpoint(step + 1)
-                result.steps_done = step + 1
                 progress.update(bar, advance=1, info=f"loss {scalars.get('loss', float('nan')):.3f}",
                                 rate=f"{scalars['tokens_per_s']:.0f} tok/s")
+        if end < config.steps:  # --stop-at: behave as an interrupt, with a checkpoint to resume from
+            if result.steps_done % config.save_interval:
+                checkpoint(result.steps_done)
+            result.interrupted = True
     except KeyboardInterrupt:
         # Keep the work done: checkpoint the last completed step, then let the caller report it.
         if result.steps_done > start:

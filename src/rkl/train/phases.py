@@ -64,6 +64,11 @@ def resume_source(run: PhaseRun) -> str:
     if run.resume:
         if load_training_state(run.out) is None:
             raise UserError(f"--resume: no resumable checkpoint in {run.out} (run without --resume to start)")
+        saved = RecursiveConfig.from_file(run.out / "recursive_config.json").to_dict()
+        differs = sorted(k for k, v in run.config.to_dict().items() if k != "steps" and saved[k] != v)
+        if differs:
+            raise UserError(f"--resume with a config that differs from the run's saved one in {', '.join(differs)}; "
+                            f"use the same --recursive-config/--set as the interrupted run (only --steps may change)")
         return str(run.out)
     return run.model
 

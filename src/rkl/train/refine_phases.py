@@ -20,10 +20,11 @@ from rkl.data.corpora import describe_source
 from rkl.data.packing import step_generator as packing_generator
 from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, load_model_with_config, save_sidecar
+from rkl.model.base import load_base
 from rkl.model.adapters import apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
 from rkl.train.drift import DriftProbe
-from rkl.train.losses import refinement_losses, total_loss
+from rkl.train.losses import final_ce, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
 
@@ -40,7 +41,8 @@ def prefix_range(config: RecursiveConfig) -> tuple[int, int]:
 
 class RefineTask:
     def __init__(self, wrapper, tokenizer, config: RecursiveConfig, train_stream: torch.Tensor,
-                 val_stream: torch.Tensor, device: torch.device, phase: str, base_reference: dict):
+                 val_stream: torch.Tensor, device: torch.device, phase: str, base_reference: dict,
+                 pretrained: torch.nn.Module | None = None):
         self.wrapper, self.tokenizer, self.config, self.device, self.phase = wrapper, tokenizer, config, device, phase
         self.base_reference = base_reference
         self.train_stream, self.val_stream = train_stream, val_stream
@@ -49,8 +51,15 @@ class RefineTask:
             p.requires_grad_(False)
         self.lora_params = apply_lora(base, config) if config.lora_rank > 0 else []
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
-        self.reference = {n: p.detach().clone() for n, p in self.unfrozen.items()}
-        self.drift = DriftProbe(wrapper, tokenizer, config, device) if self.unfrozen else None
+        self.reference, self.drift = {}, None
+        if self.unfrozen:
+            # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
+            # was resumed from), so a resumed phase C continues exactly and drift includes phase B's LoRA.
+            if pretrained is None:
+                raise ValueError("phase C needs the pretrained base for its L2 reference and drift")
+            weights = dict(pretrained.named_parameters())
+            self.reference = {n: weights[n.replace(".base_layer", "")].detach().clone() for n in self.unfrozen}
+            self.drift = DriftProbe(wrapper, tokenizer, config, device, reference_model=pretrained)
 
     # --- what the shared loop needs ---------------------------------------------------------------------
     def trainable_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
@@ -105,7 +114,9 @@ class RefineTask:
         if use_draft:
             return self.greedy_draft(batch.prefix_ids.to(self.device), batch.chunk_ids.shape[1]), valid.clone()
         loss_mask = corruption_mask(batch.chunk_valid, rate, self.config.corruption_mask, gen)
-        chunk_in = corrupt(batch.chunk_ids, loss_mask, self.wrapper.base.config.vocab_size, gen)
+        # Corrupt into tokens the tokenizer can produce (a big preset vocabulary has untrained rows beyond it).
+        chunk_in = corrupt(batch.chunk_ids, loss_mask, len(self.tokenizer), gen,
+                           special_ids=tuple(self.tokenizer.all_special_ids))
         return chunk_in.to(self.device), loss_mask.to(self.device)
 
     def losses_on(self, prefix: torch.Tensor, chunk_in: torch.Tensor, loss_mask: torch.Tensor, targets: torch.Tensor,
@@ -117,7 +128,7 @@ class RefineTask:
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=loss_mask,
-                                           max_inner_steps=max_inner_steps, edit_rule="argmax")
+                                           max_inner_steps=max_inner_steps, edit_rule="argmax", prefix_ids=prefix)
         drafts = [torch.where(loss_mask, logits.argmax(-1), chunk_in) for logits in result.logits]
         terms = refinement_losses(result.logits, result.commit_logits, result.length_logits, drafts,
                                   targets, loss_mask, valid)
@@ -144,11 +155,13 @@ class RefineTask:
         for i in range(c.eval_batches):
             batch = chunk_batch(self.val_stream, i, c.batch_size, c.chunk_width, lo, hi, c.seed + 10_007,
                                 self.tokenizer.eos_token_id)
-            terms, stats = self.refine_losses(batch, c.corruption_rate, step_generator(c.seed + 10_007, i, 0))
-            one_pass, _ = self.refine_losses(batch, c.corruption_rate, step_generator(c.seed + 10_007, i, 0),
-                                             max_inner_steps=1)
-            row = {"loss": float(total_loss(terms, c)), "ce_k": float(terms["final"]),
-                   "ce_1": float(one_pass["final"]), **{f"loss_{k}": float(v) for k, v in terms.items()}, **stats}
+            chunk_in, loss_mask = self.chunk_inputs(batch, c.corruption_rate, step_generator(c.seed + 10_007, i, 0))
+            targets = batch.chunk_ids.to(self.device)
+            terms, stats, result = self.losses_on(batch.prefix_ids.to(self.device), chunk_in, loss_mask, targets,
+                                                  batch.chunk_valid.to(self.device))
+            one_pass = final_ce(result.logits[:1], targets, loss_mask)  # step 1 runs with zero deltas
+            row = {"loss": float(total_loss(terms, c)), "ce_k": float(terms["final"]), "ce_1": float(one_pass),
+                   **{f"loss_{k}": float(v) for k, v in terms.items()}, **stats}
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v / c.eval_batches
         if self.drift is not None:
@@ -188,7 +201,14 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()))
+    pretrained = None
+    if config.unfreeze_every > 0:  # phase C: a plain copy of the base for the L2 reference and the drift
+        base_ref = base_reference["base"]
+        pretrained, _ = load_base(base_ref[len("preset:"):] if base_ref.startswith("preset:") else base_ref,
+                                  dtype=run.dtype, seed=0)
+        pretrained.to(accelerator.device).eval()
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
-                      base_reference)
+                      base_reference, pretrained)
+    del pretrained  # the task keeps what it needs (reference tensors, reference generations)
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)
