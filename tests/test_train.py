@@ -55,3 +55,15 @@ def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="no resumable checkpoint"):
         pretrain(tmp_path, "nothing", steps=2, resume=True)
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    from rkl.errors import UserError
+
+    pretrain(tmp_path, "run", steps=4, stop_at=2)
+    config = RecursiveConfig(recursive_enabled=False, steps=4, eval_interval=4, save_interval=3,
+                             **{**FAST, "lr": 1e-3})
+    run = PhaseRun(phase="pretrain", config=config, model="tiny", out=tmp_path / "run",
+                   log_dir=tmp_path / "logs" / "run", show_progress=False, resume=True)
+    with pytest.raises(UserError, match="lr"):
+        run_phase(run)
