@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export RKL_ROOT=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-PART=${1:-all}   # bench | pipeline | all
+PART=${1:-all}   # bench | pipeline | eval | all
 if [[ $PART == bench || $PART == all ]]; then
 # 1. Promise 1 on the GPU (fla kernels, bf16): greedy generate_chunks == base.generate; inner-step cost vs prefix.
 python3 scripts/bench_inner_loop.py --device cuda --dtype bfloat16 --preset tiny --check-exact 2>&1 | tee "$OUT/bench_tiny_bf16.txt"
@@ -39,5 +39,23 @@ for run in ("baseline", "phase_a"):
         line = f"{run}: median tokens/s {sorted(tps)[len(tps)//2]:.0f}, peak mem {max(mem):.2f} GiB" if tps else f"{run}: no logs"
         print(line); open(f"{out}/summary.txt", "a").write(line + "\n")
 PY
+fi
+if [[ $PART == eval || $PART == all ]]; then
+# 3. rkl eval + compare on the GPU in bf16: after_surgery must equal baseline exactly (perplexity, accuracy, greedy hash).
+W="$OUT/work"; mkdir -p "$W"
+# Exactness needs no trained base: a few pretrain steps make a checkpoint with a tokenizer.
+DATA=(--set data=stdlib+arithmetic --set max_chars_per_source=1000000 --set chunk_width=16)
+python3 -m rkl train --phase pretrain --model small --out "$W/baseline" --steps 5 --batch-size 8 \
+  --set seq_len=1024 --set lr=1e-3 --set eval_interval=5 --set eval_batches=1 "${DATA[@]}" 2>&1 | tail -2
+python3 -m rkl surgery --model "$W/baseline" --out "$W/after_surgery" "${DATA[@]}" 2>&1 | tail -1
+for stage in baseline after_surgery; do
+  s=$SECONDS
+  python3 -m rkl eval --stage $stage --model "$W/$stage" --dtype bfloat16 "${DATA[@]}" --limit 200 2>&1 | tail -1
+  echo "eval $stage wall $((SECONDS-s)) s" | tee -a "$OUT/summary.txt"
+done
+cp eval_results/*.json "$OUT/" 2>/dev/null || true
+python3 -m rkl compare baseline after_surgery > "$OUT/compare.txt" 2>&1 || true
+grep -iE "warning|perplexity|arith_exact|token_acc" "$OUT/compare.txt" | head -12
+rm -rf "$W"
 fi
 echo "== summary"; grep -h -A12 "inner step" "$OUT"/bench_*_bf16.txt 2>/dev/null | head -40 || true; cat "$OUT/summary.txt" 2>/dev/null || true
