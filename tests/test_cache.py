@@ -14,14 +14,6 @@ from rkl.model.cache import caches_equal, cache_tensors, new_cache
 from rkl.model.wrapper import _Pass, positions_from_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base():
     b, _ = load_base("tiny")

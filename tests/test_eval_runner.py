@@ -27,14 +27,6 @@ LIMIT = 8  # examples per metric group: enough to exercise every path, fast on o
 MUST_MATCH = ("perplexity", "mean_nll", "token_accuracy", "restore_ce_1", "restore_acc_1", "draft_acc", "arith_exact")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny base checkpoint with a trained tokenizer, its surgery folder, and both stages evaluated (the

@@ -14,14 +14,6 @@ from rkl.model.base import load_base
 from rkl.model.surgery import base_fingerprint, save_sidecar, surgery
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """The tiny preset saved as a checkpoint folder (what `rkl train --phase pretrain` would leave)."""

@@ -14,16 +14,6 @@ from rkl.model.wrapper import _Pass, commit_thresholds, positions_from_mask
 MAX_NEW = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-core machine oversubscription makes every
-    # op 10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bases():
     out = {}
