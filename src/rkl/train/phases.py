@@ -73,12 +73,15 @@ def resume_source(run: PhaseRun) -> str:
     return run.model
 
 
-def token_streams(config: RecursiveConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    def docs(split: str) -> list[str]:
-        return load_documents(config.data, split, arithmetic_digits=config.arithmetic_digits,
-                              max_chars=config.max_chars_per_source)
+def documents(config: RecursiveConfig, split: str) -> list[str]:
+    return load_documents(config.data, split, arithmetic_digits=config.arithmetic_digits,
+                          max_chars=config.max_chars_per_source)
 
-    return encode_documents(tokenizer, docs("train")), encode_documents(tokenizer, docs("val"))
+
+def token_streams(config: RecursiveConfig, tokenizer, train_docs: list[str] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    train_docs = documents(config, "train") if train_docs is None else train_docs
+    return encode_documents(tokenizer, train_docs), encode_documents(tokenizer, documents(config, "val"))
 
 
 def _run_lm_phase(run: PhaseRun) -> TrainResult:
@@ -89,15 +92,15 @@ def _run_lm_phase(run: PhaseRun) -> TrainResult:
         raise UserError(f"vanilla fine-tunes a trained base, but {source} is not a checkpoint; "
                         "run `rkl train --phase pretrain` first or pass --model")
     model, tokenizer = load_base(source, dtype=run.dtype, seed=config.seed)
+    train_docs = None
     if tokenizer is None:
-        documents = load_documents(config.data, "train", arithmetic_digits=config.arithmetic_digits,
-                                   max_chars=config.max_chars_per_source)
+        train_docs = documents(config, "train")
         # A big preset vocabulary on a small corpus leaves embedding rows unused rather than failing.
-        tokenizer = train_tokenizer(documents, model.config.vocab_size, exact=False)
+        tokenizer = train_tokenizer(train_docs, model.config.vocab_size, exact=False)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    train_stream, val_stream = token_streams(config, tokenizer)
+    train_stream, val_stream = token_streams(config, tokenizer, train_docs)
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()),
