@@ -23,14 +23,27 @@ def git_commit() -> str | None:
         return None
 
 
-def package_versions() -> dict[str, str | None]:
-    versions = {}
+def package_versions() -> dict[str, str]:
+    """The interpreter and the packages that can change a number ("absent" when not installed)."""
+    versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
+            versions[name] = "absent"
     return versions
+
+
+def peak_memory_mib() -> float:
+    """CUDA max_memory_allocated, else the process's ru_maxrss (Linux: KiB; whole process lifetime)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def device_description() -> str:

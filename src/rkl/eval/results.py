@@ -32,19 +32,17 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rkl.errors import UserError
+from rkl.runmeta import package_versions
 
 SCHEMA_VERSION = 1
 # JSON files in a results directory that are not stage results (compare output, if ever written as JSON)
 COMPARE_ARTEFACTS = frozenset({"compare.json"})
-_VERSION_PACKAGES = ("rkl", "torch", "transformers", "flash-linear-attention", "peft", "accelerate")
 # accuracy metric -> the "counts" group holding its number of independent items (a "counts" entry named
 # after the metric itself takes precedence)
 COUNT_GROUPS = {
@@ -95,17 +93,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the interpreter and the packages that can change a number ("absent" when not installed)."""
-    out = {"python": platform.python_version()}
-    for name in _VERSION_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 def now_iso() -> str:

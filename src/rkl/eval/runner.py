@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from rkl.eval import generation, refinement, tasks
 from rkl.eval.results import make_result, save_result, sha256_file, sha256_json
 from rkl.model.surgery import CONFIG_FILE, SIDECAR_FILE, SURGERY_FILE
 from rkl.paths import PHASE_STAGES, STAGE_CONFIGS, checkpoint_dir, eval_results_dir, logs_dir, stage_config_path
-from rkl.runmeta import git_commit
+from rkl.runmeta import git_commit, peak_memory_mib
 
 FULL_HASH_LIMIT = 1 << 30  # folders above 1 GiB get the cheap fingerprint (configs + file names and sizes)
 # metrics that measure the machine, not the model: excluded when two evaluations are checked for equality
@@ -132,14 +131,6 @@ def _device_name(threads: int) -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.machine()}, {threads} torch thread{'s' if threads > 1 else ''})"
-
-
-def _peak_memory_mb() -> float:
-    """CUDA max_memory_allocated, else the process's ru_maxrss (Linux: KiB; whole process lifetime)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 @contextlib.contextmanager
@@ -252,7 +243,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
         counts.update(g.counts)
         stderr.update({k: v for k, v in g.stderr.items() if v == v})  # NaN SEs (one cluster) are left out
         extra.update(g.extra)
-    metrics["peak_memory_mb"] = _peak_memory_mb()
+    metrics["peak_memory_mb"] = peak_memory_mib()
     t0 = time.perf_counter()
     ckpt = checkpoint_record(target)
     timings["hash_s"] = time.perf_counter() - t0

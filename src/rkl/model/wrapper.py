@@ -54,7 +54,6 @@ refinement state ([Z], deltas) ever enters the committed cache.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.tensorboard import SummaryWriter
 
 from rkl.config import RecursiveConfig
+from rkl.runmeta import peak_memory_mib
 from rkl.train.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
 from rkl.train.optim import build_optimizer, build_scheduler
 
@@ -139,9 +140,4 @@ def _log_step(writer: SummaryWriter, step: int, scalars: dict[str, float], optim
     for group in optimizer.param_groups:
         if not group["name"].endswith("_nodecay"):
             writer.add_scalar(f"train/lr/{group['name']}", group["lr"], step)
-    if torch.cuda.is_available():
-        writer.add_scalar("train/peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, step)
-    else:
-        import resource
-
-        writer.add_scalar("train/peak_mem_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, step)
+    writer.add_scalar("train/peak_mem_gib", peak_memory_mib() / 2**10, step)
