@@ -63,7 +63,7 @@ def test_after_surgery_equals_baseline_exactly(env):
     assert 0.0 <= m["restore_stability_at_k"] <= 1.0 and m["restore_ce_k"] > 0
     assert m["avg_inner_steps"] == surg["config"]["max_inner_steps"] and m["commit_rate"] == 0.0
     assert surg["committed_lengths"] and all(1 <= b <= 8 for b in surg["committed_lengths"])
-    assert m["length_mse"] >= 0 and m["tpot_ms"] > 0 and m["tpot_uplift"] > 0
+    assert m["mean_committed"] >= 1 and m["tpot_ms"] > 0 and m["tpot_uplift"] > 0
     for key in ("perplexity", "restore_acc_1", "restore_acc_k", "draft_acc", "arith_exact"):
         assert key in surg["stderr"], key
 

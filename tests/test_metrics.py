@@ -14,8 +14,6 @@ from rkl.eval.metrics import (
     committed_length_histogram,
     diff_se,
     exact_match,
-    length_mae,
-    length_mse,
     stability_at_k,
     tpot_uplift,
 )
@@ -87,16 +85,6 @@ def test_stability_at_k_by_hand() -> None:
     assert stability_at_k([draft, step1], torch.zeros(1, 4, dtype=torch.bool)) == 1.0
     with pytest.raises(ValueError):
         stability_at_k([draft, step1], torch.ones(2, 4, dtype=torch.bool))
-
-
-def test_length_mse_and_mae_by_hand() -> None:
-    # errors: 0, -2, +3 -> MSE (0 + 4 + 9) / 3 = 13/3, MAE 5/3
-    assert length_mse([4, 2, 8], [4, 4, 5]) == pytest.approx(13 / 3)
-    assert length_mse(torch.tensor([4, 2, 8]), torch.tensor([4, 4, 5])) == pytest.approx(13 / 3)
-    assert length_mae([4, 2, 8], [4, 4, 5]) == pytest.approx(5 / 3)
-    assert math.isnan(length_mse([], []))
-    with pytest.raises(ValueError):
-        length_mse([1, 2], [1])
 
 
 def test_exact_match() -> None:

@@ -4,8 +4,8 @@ A stage file under configs/ (baseline.json, after_surgery.json, recursive_phase_
 object of these fields; anything left out takes the default below. Fields are grouped:
 
 - recursion (what the sidecar is and how the inner loop runs),
-- losses (the lambda_* weights of the six refinement losses),
-- corruption / scheduled sampling (how training chunks are made),
+- losses (the lambda_* weights of the five refinement losses),
+- training chunks (drafts, model-sampled corruption, splices),
 - phases B and C (LoRA, unfreezing, L2 pull to pretrained weights),
 - optimisation and run control (steps, batch, learning rates, intervals, data, seed).
 
@@ -47,28 +47,28 @@ class RecursiveConfig:
     commit_threshold: float = _f(0.9, "Commit when p_commit >= this at the first inner step.", lo=0.0, hi=1.0)
     min_commit_threshold: float = _f(0.5, "The threshold falls linearly to this value at step K (must be <= commit_threshold).", lo=0.0, hi=1.0)
     layers_to_refine: list[int] | None = _f(None, "Decoder layer indices that get a refine cell; null = every layer.", factory=None)
-    refine_cell_type: str = _f("pooled", "'pooled': one delta per layer broadcast over the chunk (the spec); 'per_token': one delta per position.", choices=("pooled", "per_token"))
+    refine_cell_type: str = _f("pooled", "What position j's delta may read. 'pooled' (the spec): one delta per layer from the mean of the chunk's hidden states, broadcast; later tokens reach j only through that mean. 'per_token': a delta per position from that position's own (causal) state; never reads a later token. 'chunk_attention': a delta per position from a non-causal attention over the whole chunk; O(W^2) per layer.", choices=("pooled", "per_token", "chunk_attention"))
     use_latent_token: bool = _f(False, "Append a learned [Z] embedding after the chunk; the boundary head reads its hidden state.")
     d_state: int = _f(64, "Size of each refine cell's recurrent (GRU) state.", lo=1)
-    gate_hidden: int = _f(64, "Hidden width of the refine cell's input MLP and of the boundary head.", lo=1)
-    max_chunk_len: int = _f(64, "Largest chunk the length head can express (classes 1..max_chunk_len); >= chunk_width.", lo=1)
+    gate_hidden: int = _f(64, "Hidden width of the refine cell's input MLP (and attention) and of the boundary head.", lo=1)
     cache_reset_policy: str = _f("keep_kda_recurrent_reset_mla", "How each inner step starts: from the chunk-start snapshot (default), re-running prefix+chunk (reset_all, slow reference), or continuing the live cache (keep_all).", choices=CACHE_POLICIES)
-    enable_length_head: bool = _f(True, "Let the length head choose how many tokens to commit; False = always commit the whole chunk.")
+    reuse_stale_suffix: bool = _f(True, "Generation: after a commit that stops at a changed token, start the next chunk from the rest of the old draft instead of re-decoding it; each reused token is committed only if the next chunk's unrefined pass predicts it (else it counts as changed).")
     use_soft_tokens: bool = _f(False, "Feed editable positions the probability-weighted embedding instead of the argmax token.")
     # --- losses ----------------------------------------------------------------------------------------
     lambda_final: float = _f(1.0, "Weight of the final-step CE at loss positions.", lo=0.0)
     lambda_masked: float = _f(0.5, "Weight of the deep-supervision CE averaged over inner steps.", lo=0.0)
-    lambda_halt: float = _f(0.1, "Weight of the halting BCE.", lo=0.0)
-    lambda_len: float = _f(0.1, "Weight of the length-head CE.", lo=0.0)
+    lambda_halt: float = _f(0.1, "Weight of the halting BCE (target: the tokens a stop at step t would commit are right).", lo=0.0)
     lambda_ponder: float = _f(0.01, "Weight of the ponder cost (expected inner steps).", lo=0.0)
-    lambda_stability: float = _f(0.01, "Weight of the KL between successive steps' predictions.", lo=0.0)
-    # --- corruption and scheduled sampling -------------------------------------------------------------
-    corruption_rate: float = _f(0.3, "Fraction of chunk positions corrupted at the start of training.", lo=0.0, hi=1.0)
+    lambda_keep: float = _f(0.1, "Weight of the keep KL: steps 2..K vs step 1's prediction at valid positions that were not corrupted (target-free: damaging a right token costs).", lo=0.0)
+    # --- training chunks: drafts, model-sampled corruption, splices ------------------------------------
+    draft_share: float = _f(0.5, "Fraction of training chunks that are the model's own greedy draft from the prefix (every valid position is a loss position).", lo=0.0, hi=1.0)
+    draft_share_final: float = _f(0.5, "Draft fraction at the end of training (with draft_schedule).", lo=0.0, hi=1.0)
+    draft_schedule: str = _f("none", "How the draft fraction moves from draft_share to draft_share_final.", choices=SCHEDULES)
+    splice_share: float = _f(0.5, "Of the other chunks: fraction that are splices (true tokens up to a random position, the model's greedy continuation after it); the rest get model-sampled tokens at corrupted positions.", lo=0.0, hi=1.0)
+    corruption_rate: float = _f(0.3, "Fraction of chunk positions replaced by model-sampled tokens at the start of training.", lo=0.0, hi=1.0)
     corruption_rate_final: float = _f(0.15, "Corruption fraction at the end of training (with a schedule).", lo=0.0, hi=1.0)
     corruption_schedule: str = _f("linear", "How the rate moves from corruption_rate to corruption_rate_final.", choices=SCHEDULES)
     corruption_mask: str = _f("random", "'random' positions or contiguous 'span's.", choices=("random", "span"))
-    scheduled_sampling: str = _f("none", "Schedule of the probability that a training chunk is the model's own draft.", choices=SCHEDULES)
-    scheduled_sampling_final: float = _f(0.0, "Draft probability reached at the end of training.", lo=0.0, hi=1.0)
     # --- phases B and C ----------------------------------------------------------------------------------
     lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0)
     lora_alpha: int = _f(16, "LoRA alpha.", lo=1)
@@ -129,8 +129,6 @@ class RecursiveConfig:
         if not problems:
             if self.min_commit_threshold > self.commit_threshold:
                 problems.append("min_commit_threshold: must be <= commit_threshold")
-            if self.chunk_width > self.max_chunk_len:
-                problems.append(f"chunk_width: {self.chunk_width} exceeds max_chunk_len {self.max_chunk_len}")
             if self.layers_to_refine is not None:
                 if any(i < 0 for i in self.layers_to_refine):
                     problems.append("layers_to_refine: layer indices must be >= 0")
@@ -146,8 +144,7 @@ class RecursiveConfig:
     def from_dict(cls, data: dict[str, Any]) -> "RecursiveConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
-        # Keys starting with "_" are comments (JSON has none of its own).
-        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        data = migrate(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -205,6 +202,23 @@ class RecursiveConfig:
             default = f.default if f.default is not MISSING else None
             rows.append((f.name, _type_name(hints[f.name]), default, f.metadata["doc"]))
         return rows
+
+
+# Keys of configs written before the length head was replaced by the commit rule (2026-11-22): renamed keys map to
+# their new names, keys of removed features are dropped, so every saved recursive_config.json keeps loading.
+RENAMED_KEYS = {"scheduled_sampling": "draft_schedule", "scheduled_sampling_final": "draft_share_final",
+                "lambda_stability": "lambda_keep"}
+REMOVED_KEYS = ("max_chunk_len", "enable_length_head", "lambda_len")
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Drop comment keys ("_..."; JSON has no comments), rename old keys, drop keys of removed features."""
+    out = {}
+    for k, v in data.items():
+        if k.startswith("_") or k in REMOVED_KEYS:
+            continue
+        out[RENAMED_KEYS.get(k, k)] = v
+    return out
 
 
 def _type_name(tp: Any) -> str:

@@ -1,9 +1,11 @@
-"""Refinement training data: (prefix, true chunk) pairs, corruption masks, corrupted chunks, schedules.
+"""Refinement training data: (prefix, true chunk) pairs, how each training chunk is made, corruption masks,
+schedules.
 
-The refinement phases train the sidecar to repair a drafted chunk. A training example is a prefix of P
-tokens and the W tokens after it; a fraction of the chunk is corrupted and the corrupted positions are
-the only loss positions (the leakage rule in DESIGN.md: a target visible in the chunk must not be a
-loss target). Everything here is a pure function of its seed and step, like the LM batches.
+The refinement phases train the sidecar to repair what inference gives it: a draft. A training example is a
+prefix of P tokens and the W tokens after it; `chunk_modes` says which chunk positions hold the true token and
+which a model output (a greedy draft, a splice, model-sampled corruption). Only model-output positions are loss
+positions (the leakage rule in DESIGN.md: a target visible in the chunk must not be a loss target). Everything
+here is a pure function of its seed and step, like the LM batches.
 """
 
 from __future__ import annotations
@@ -83,6 +85,36 @@ def corruption_mask(valid: torch.Tensor, rate: float, kind: str, generator: torc
     start = (v * (n_valid - length + 1).double()).floor().long()
     rank = valid.long().cumsum(dim=1) - 1  # index of each valid position among the valid ones
     return valid & (rank >= start) & (rank < start + length) & has_valid
+
+
+# What the chunk holds at each position (build_chunk in rkl.model.drafts fills it in, token by token):
+TRUE, GREEDY, SAMPLE = 0, 1, 2
+KINDS = ("draft", "splice", "sample")
+
+
+def chunk_modes(valid: torch.Tensor, draft_share: float, splice_share: float, rate: float, mask_kind: str,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(modes [B, W] long, kind [B] long: an index into KINDS): how each row's training chunk is made.
+
+    Each row is, independently, a DRAFT (prob. draft_share: the model's greedy continuation of the prefix at every
+    position), else a SPLICE (prob. splice_share: the true chunk up to a position s uniform in 1..n_valid-1, the
+    model's greedy continuation after it) or SAMPLED corruption (`corruption_mask` positions hold a token sampled
+    from the model's distribution given the chunk so far, the rest the true token). Invalid positions (after the
+    chunk's EOS) hold the true token. Loss positions are the valid non-TRUE ones: each holds a model output that
+    depends only on the prefix and the chunk before it, never on its own target (the leakage rule).
+    """
+    b, w = valid.shape
+    valid = valid.bool()
+    u = torch.rand(b, 2, generator=generator, device=generator.device).to(valid.device)
+    kind = torch.where(u[:, 0] < draft_share, 0, torch.where(u[:, 1] < splice_share, 1, 2))
+    n_valid = valid.sum(1)
+    s = torch.rand(b, generator=generator, device=generator.device).to(valid.device)
+    cut = 1 + (s * (n_valid - 1).clamp(min=0).double()).floor().long()  # 1..n_valid-1 (1 when n_valid <= 1)
+    pos = torch.arange(w, device=valid.device).unsqueeze(0)
+    sampled = corruption_mask(valid, rate, mask_kind, generator)
+    greedy = (kind == 0).unsqueeze(1) | ((kind == 1).unsqueeze(1) & (pos >= cut.unsqueeze(1)))
+    modes = torch.where(greedy, GREEDY, torch.where(sampled & (kind == 2).unsqueeze(1), SAMPLE, TRUE))
+    return torch.where(valid, modes, TRUE), kind
 
 
 def corrupt(chunk_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int, generator: torch.Generator,

@@ -29,12 +29,13 @@ from rkl.eval.results import COUNT_GROUPS, now_iso, sample_count
 BASELINE, SURGERY, VANILLA = "baseline", "after_surgery", "finetuned_vanilla"
 STAGE_ORDER = (BASELINE, SURGERY, VANILLA, "phase_a", "phase_b", "phase_c")
 KEY_METRICS = ("perplexity", "token_accuracy", "restore_acc_k", "restore_acc_1", "draft_acc", "arith_exact",
-               "avg_inner_steps", "commit_rate", "stability_at_k", "length_mse", "tpot_ms", "tpot_uplift")
+               "draft_acc_refined", "avg_inner_steps", "commit_rate", "stability_at_k", "mean_committed", "tpot_ms",
+               "tpot_uplift")
 DELTA_METRICS = ("perplexity", "arith_exact", "restore_acc_k")
 # metrics that neutral initialisation must reproduce bit for bit (mean_nll too, when both stages report it)
 MUST_MATCH = ("perplexity", "token_accuracy")
 MISSING = "—"
-FORMATS = {"perplexity": "{:.4f}", "avg_inner_steps": "{:.2f}", "length_mse": "{:.3f}", "tpot_ms": "{:.2f}",
+FORMATS = {"perplexity": "{:.4f}", "avg_inner_steps": "{:.2f}", "mean_committed": "{:.2f}", "tpot_ms": "{:.2f}",
            "tpot_uplift": "{:.2f}×"}
 
 

@@ -82,26 +82,6 @@ def stability_at_k(step_tokens: Sequence[torch.Tensor], valid: torch.Tensor) -> 
     return int(unchanged.sum()) / n_valid
 
 
-def _as_float_lists(predicted: IntSeq, target: IntSeq) -> tuple[list[float], list[float]]:
-    p = [float(x) for x in (predicted.flatten().tolist() if isinstance(predicted, torch.Tensor) else predicted)]
-    t = [float(x) for x in (target.flatten().tolist() if isinstance(target, torch.Tensor) else target)]
-    if len(p) != len(t):
-        raise ValueError(f"predicted has {len(p)} lengths but target has {len(t)}")
-    return p, t
-
-
-def length_mse(predicted: IntSeq, target: IntSeq) -> float:
-    """mean_c (B'_c - B*_c)^2 over chunks c: committed length vs longest-correct-prefix length; NaN if empty."""
-    p, t = _as_float_lists(predicted, target)
-    return sum((a - b) ** 2 for a, b in zip(p, t)) / len(p) if p else math.nan
-
-
-def length_mae(predicted: IntSeq, target: IntSeq) -> float:
-    """mean_c |B'_c - B*_c|, in tokens (easier to read than the MSE); NaN if empty."""
-    p, t = _as_float_lists(predicted, target)
-    return sum(abs(a - b) for a, b in zip(p, t)) / len(p) if p else math.nan
-
-
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """#{i : predictions_i.strip() == answers_i.strip()} / n; 0.0 for n == 0 (no evidence is no accuracy)."""
     if len(predictions) != len(answers):

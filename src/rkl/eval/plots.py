@@ -29,9 +29,9 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.lab
 COLORS = {"baseline": "#7f7f7f", "after_surgery": "#c7c7c7", "finetuned_vanilla": "#ff7f0e"}
 STAGE_COLOR = "#1f77b4"
 # fractions shown as percentages (accuracies and rates)
-PERCENT = {"token_accuracy", "restore_acc_k", "restore_acc_1", "draft_acc", "arith_exact", "commit_rate",
-           "stability_at_k"}
-UNITS = {"perplexity": "perplexity (lower is better)", "avg_inner_steps": "steps", "length_mse": "tokens²",
+PERCENT = {"token_accuracy", "restore_acc_k", "restore_acc_1", "draft_acc", "draft_acc_refined", "arith_exact",
+           "commit_rate", "stability_at_k"}
+UNITS = {"perplexity": "perplexity (lower is better)", "avg_inner_steps": "steps", "mean_committed": "tokens",
          "tpot_ms": "ms per token", "tpot_uplift": "× plain TPOT"}
 
 

@@ -13,15 +13,13 @@ from typing import Any
 
 import torch
 
-from rkl.data.chunks import chunk_batch, corrupt, corruption_mask
+from rkl.data.chunks import GREEDY, TRUE, chunk_batch, chunk_modes
 from rkl.data.packing import step_generator
-from rkl.eval.metrics import NLLAccumulator, length_mae, length_mse, stability_at_k
+from rkl.eval.metrics import NLLAccumulator, stability_at_k
 from rkl.eval.tasks import (CHUNK_BATCH, EVAL_SEED, PREFIX_RANGE, RESTORE_MASK, RESTORE_RATE, Group, Tick,
                             cluster_se, model_device, row_stats)
 from rkl.model.cache import restore_cache
-from rkl.train.losses import length_targets
-
-RESTORE_EDIT_RULE = "argmax"  # what refine_phases trains with; generation and draft quality use the exact rule
+from rkl.model.drafts import build_chunk
 
 
 def eval_chunks(stream: torch.Tensor, width: int, eos_id: int, total: int) -> Iterator[Any]:
@@ -42,21 +40,6 @@ def _one_pass_logits(wrapper, chunk: torch.Tensor, snap: Any, prev: torch.Tensor
     return torch.cat([prev.unsqueeze(1), out.logits[:, :-1].float()], 1)
 
 
-@torch.no_grad()
-def greedy_draft(wrapper, snap: Any, prev: torch.Tensor, width: int) -> torch.Tensor:
-    """W greedy tokens after the cached prefix, one at a time on the base (recursion off), as the seed step of
-    generate_chunks decodes them (no EOS handling: a draft is W tokens, whatever they are)."""
-    cache, p = restore_cache(snap), snap.seq_length
-    tok = prev.argmax(-1)
-    toks = [tok]
-    for j in range(1, width):
-        pos = torch.full((tok.shape[0], 1), p + j - 1, dtype=torch.long, device=tok.device)
-        tok = wrapper.base(input_ids=tok[:, None], position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits[:, -1].argmax(-1)
-        toks.append(tok)
-    return torch.stack(toks, 1)
-
-
 class _Restore:
     """Accumulates restoration over batches (see `chunk_tasks`)."""
 
@@ -64,19 +47,13 @@ class _Restore:
         self.acc1, self.acck = NLLAccumulator(), NLLAccumulator()
         self.rows1: list[tuple] = []
         self.rowsk: list[tuple] = []
-        self.pred_len: list[int] = []
-        self.true_len: list[int] = []
         self.unchanged = self.n_edit = 0.0
 
-    def add(self, wrapper, chunk, mask, target, valid, snap, prev, config, width: int, prefix) -> None:
+    def add(self, wrapper, chunk, mask, target, valid, snap, prev, config, prefix) -> None:
         if wrapper.enabled:
-            res = wrapper.refine_chunk(chunk, snap, prev, mask, max_inner_steps=config.max_inner_steps,
-                                       commit_threshold=None, edit_rule=RESTORE_EDIT_RULE, prefix_ids=prefix)
+            res = wrapper.refine_chunk(chunk, snap, prev, valid, max_inner_steps=config.max_inner_steps,
+                                       commit_threshold=None, prefix_ids=prefix)
             first, last = res.logits[0], res.logits[-1]
-            if res.length_logits[-1] is not None:
-                self.pred_len += (res.length_logits[-1].argmax(-1) + 1).clamp(1, width).tolist()
-                draft_k = torch.where(mask, last.argmax(-1), chunk)
-                self.true_len += length_targets(draft_k, target, valid, mask).tolist()
             n = float(mask.sum())
             self.unchanged += stability_at_k(list(res.tokens), mask) * n
             self.n_edit += n
@@ -100,33 +77,26 @@ class _Restore:
                                restore_stability_at_k=self.unchanged / self.n_edit if self.n_edit else math.nan)
             out.stderr.update(restore_ce_k=cluster_se(flat(self.rowsk, 0), sizes),
                               restore_acc_k=cluster_se(flat(self.rowsk, 1), sizes))
-            if self.pred_len:
-                out.metrics.update(length_mse=length_mse(self.pred_len, self.true_len),
-                                   length_mae=length_mae(self.pred_len, self.true_len))
         return out
 
 
-def chunk_tasks(wrapper, stream: torch.Tensor, config, vocab_size: int, special_ids: tuple[int, ...], eos_id: int,
-                width: int, total: int, tick: Tick) -> Group:
+def chunk_tasks(wrapper, stream: torch.Tensor, config, eos_id: int, width: int, total: int, tick: Tick) -> Group:
     """Restoration and draft quality on the same fixed (prefix, true chunk) pairs; the prefix runs once.
 
-    Restoration: a fraction RESTORE_RATE (fixed, the same for every stage) of each chunk's valid positions (random mask, at least one
-    per chunk) is replaced by other non-special tokens; the sidecar refines the corrupted chunk with exactly
-    those positions editable, all K steps, under the training edit rule (RESTORE_EDIT_RULE = "argmax": after
-    each step the editable positions hold that step's argmax, as in phases A-C). restore_ce/acc_1: CE and argmax
-    accuracy at the corrupted positions from step 1 (zero deltas: the unrefined model through the same chunk
-    path); restore_ce/acc_k: from step K. So even a neutral sidecar can move k away from 1: steps 2..K re-read
-    the model's own guesses instead of the corrupted tokens; that is the number a trained sidecar must beat.
-    length_mse/mae: the length head's final choice B' = argmax + 1 vs B* = losses.length_targets of the step-K
-    draft. restore_stability_at_k: fraction of corrupted positions whose token stayed the same from step 1
-    to step K.
+    Restoration: a fraction RESTORE_RATE (fixed, the same for every stage) of each chunk's valid positions (random
+    mask, at least one per chunk) holds a token sampled from the base's own distribution given the chunk so far
+    (rkl.model.drafts.build_chunk, as training builds its corrupted chunks); the sidecar refines the chunk with
+    every valid position editable, all K steps, under the exact edit rule of generation. restore_ce/acc_1: CE and
+    argmax accuracy at the sampled positions from step 1 (zero deltas: the unrefined model through the same chunk
+    path); restore_ce/acc_k: from step K, the number a trained sidecar must beat. restore_stability_at_k: fraction
+    of sampled positions whose token no inner step changed.
     Recursion off: restore_*_1 only (the base over the corrupted chunk after the cached prefix).
 
     Draft quality: draft_acc: the greedy W-token draft (recursion off) vs the true continuation at its valid
     positions (up to and including the true EOS); draft_acc_refined: the draft after refine_chunk with every
-    position editable and the config's commit threshold, as in generation; stability_at_k: fraction of valid
-    draft positions no inner step changed; draft_inner_steps: mean inner steps per batch (the wrapper's commit
-    decision is batch-wide).
+    position editable and the config's commit threshold, as in generation (drafted restoration: the one-pass
+    draft vs K steps); stability_at_k: fraction of valid draft positions no inner step changed; draft_inner_steps:
+    mean inner steps per batch (the halting decision is batch-wide).
     """
     dev = model_device(wrapper)
     restore = _Restore()
@@ -136,11 +106,12 @@ def chunk_tasks(wrapper, stream: torch.Tensor, config, vocab_size: int, special_
         target, valid = batch.chunk_ids.to(dev), batch.chunk_valid.to(dev)
         snap, prev = wrapper.prepare_prefix(batch.prefix_ids.to(dev))
         g = step_generator(EVAL_SEED, i, "eval-corrupt")
-        mask = corruption_mask(batch.chunk_valid, RESTORE_RATE, RESTORE_MASK, g)
-        chunk = corrupt(batch.chunk_ids, mask, vocab_size, g, special_ids).to(dev)
+        modes, _ = chunk_modes(batch.chunk_valid, 0.0, 0.0, RESTORE_RATE, RESTORE_MASK, g)
+        modes = modes.to(dev)
+        chunk = build_chunk(wrapper, snap, prev, target, modes, g)
         prefix = batch.prefix_ids.to(dev)
-        restore.add(wrapper, chunk, mask.to(dev), target, valid, snap, prev, config, width, prefix)
-        draft = greedy_draft(wrapper, snap, prev, width)
+        restore.add(wrapper, chunk, valid & (modes != TRUE), target, valid, snap, prev, config, prefix)
+        draft = build_chunk(wrapper, snap, prev, target, torch.full_like(modes, GREEDY))
         hits += ((draft == target) & valid).double().sum(1).tolist()
         sizes += valid.double().sum(1).tolist()
         if wrapper.enabled:

@@ -83,7 +83,6 @@ def resolve_eval_config(stage: str, folder: Path | None, config_path: str | Path
     config = RecursiveConfig.from_file(source).with_overrides(list(overrides or []))
     if chunk_width is None or chunk_width == config.chunk_width:
         return config, source, False
-    # > max_chunk_len is refused by validation: the length head cannot say it
     return config.replace(chunk_width=chunk_width), f"{source} (chunk_width {chunk_width} from --chunk-width)", True
 
 
@@ -213,15 +212,13 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     data = _data_record(config, stream, width, sizes)
     timings["data_s"] = time.perf_counter() - t0
 
-    vocab = min(len(tokenizer), wrapper.base.config.vocab_size)  # corrupt only into tokens the tokenizer makes
-    special = tuple(sorted(set(tokenizer.all_special_ids)))
     eos = tokenizer.eos_token_id
     groups: list[tasks.Group] = []
     progress = Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not show_progress)
     runs = {  # name -> (examples, function of a progress callback)
         "perplexity": (sizes["windows"], lambda tick: tasks.perplexity(wrapper, stream, sizes["windows"], tick)),
-        "chunks": (sizes["chunks"], lambda tick: refinement.chunk_tasks(wrapper, stream, config, vocab, special, eos,
+        "chunks": (sizes["chunks"], lambda tick: refinement.chunk_tasks(wrapper, stream, config, eos,
                                                                         width, sizes["chunks"], tick)),
         "arithmetic": (len(problems), lambda tick: generation.arithmetic(wrapper, tokenizer, problems,
                                                                     config.arithmetic_digits, sizes["tpot"], tick)),

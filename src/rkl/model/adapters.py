@@ -50,10 +50,16 @@ def apply_lora(base: torch.nn.Module, config: RecursiveConfig) -> list[torch.nn.
 
 
 def inject_lora(base: torch.nn.Module, shape: dict) -> None:
-    """Inject adapters of `shape` ({"rank", "alpha", "layers"}) and remember it for saving."""
+    """Inject adapters of `shape` ({"rank", "alpha", "layers"}) in float32 and remember the shape for saving.
+
+    float32 whatever the base's dtype: they train, and bf16 weights lose AdamW's small steps to rounding. peft
+    casts a LoRA layer's input to the adapter's dtype and the result back, so they run inside a bf16 base."""
     layers = lora_layers(base.config.num_hidden_layers, shape["layers"])
     inject_adapter_in_model(LoraConfig(r=shape["rank"], lora_alpha=shape["alpha"], lora_dropout=0.0,
                                        target_modules=lora_target_regex(layers)), base)
+    for name, p in base.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
     base.rkl_lora_shape = dict(shape)
 
 
@@ -62,9 +68,37 @@ def unfrozen_layers(num_layers: int, every: int) -> list[int]:
     return [i for i in range(num_layers) if every and (i + 1) % every == 0]
 
 
+def _cast_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    module.rkl_io_dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+    if args:
+        return (args[0].float(), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].float()}
+
+
+def _cast_output(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    if isinstance(output, tuple):
+        return (output[0].to(module.rkl_io_dtype), *output[1:])
+    return output.to(module.rkl_io_dtype)
+
+
+def keep_layers_float32(base: torch.nn.Module, layers: list[int]) -> None:
+    """Cast decoder layers to float32 inside a lower-precision base: the layer computes in float32 and hands its
+    output back in the base's dtype (hooks). Unfrozen layers train like this, so AdamW's steps are not rounded
+    away, and a reload of their saved float32 weights computes exactly what was trained. No-op in a float32 base."""
+    for i in layers:
+        layer = base.model.layers[i]
+        if getattr(layer, "rkl_float32", False) or all(p.dtype == torch.float32 for p in layer.parameters()):
+            continue
+        layer.float()
+        layer.register_forward_pre_hook(_cast_input, with_kwargs=True, prepend=True)
+        layer.register_forward_hook(_cast_output, with_kwargs=True)
+        layer.rkl_float32 = True
+
+
 def unfreeze(base: torch.nn.Module, config: RecursiveConfig) -> dict[str, torch.nn.Parameter]:
-    """Make every `unfreeze_every`-th layer trainable (LoRA params excluded); return them by name."""
+    """Make every `unfreeze_every`-th layer trainable (LoRA params excluded), in float32; return them by name."""
     chosen = unfrozen_layers(base.config.num_hidden_layers, config.unfreeze_every)
+    keep_layers_float32(base, chosen)
     params = {}
     for i in chosen:
         for name, p in base.model.layers[i].named_parameters():
@@ -110,8 +144,10 @@ def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Pa
         except RuntimeError as e:
             raise UserError(f"LoRA weights in {folder} do not fit this base ({str(e).splitlines()[0]})") from None
     if (folder / UNFROZEN_FILE).is_file():
+        state = load_file(str(folder / UNFROZEN_FILE))
+        keep_layers_float32(base, sorted({int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}))
         try:
-            result = base.load_state_dict(load_file(str(folder / UNFROZEN_FILE)), strict=False)
+            result = base.load_state_dict(state, strict=False)
         except RuntimeError as e:
             raise UserError(f"{folder / UNFROZEN_FILE} does not fit this base ({str(e).splitlines()[0]})") from None
         if result.unexpected_keys:

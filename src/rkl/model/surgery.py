@@ -82,14 +82,15 @@ def _config_dtype(cfg: KimiLinearConfig) -> torch.dtype:
 def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: str | Path,
             dtype: str | torch.dtype | None = None) -> dict[str, Any]:
     """Write a surgery checkpoint for a base; returns {"out", "base", "base_sha256", "sidecar_params",
-    "sidecar_bytes", "dtype"}. The sidecar is neutral (surgery changes no output) and in the base's dtype."""
+    "sidecar_bytes", "dtype"}. The sidecar is neutral (surgery changes no output) and float32 whatever the base's
+    dtype ("dtype" records the base's): it is what trains."""
     if not config.recursive_enabled:
         raise UserError("surgery builds the recursive sidecar, but the config has recursive_enabled=false; "
                         "set recursive_enabled=true (e.g. configs/after_surgery.json)")
     ref, sha = base_fingerprint(base_path_or_preset)
     base_cfg = _base_config(base_path_or_preset)
     torch_dtype = resolve_dtype(dtype) or _config_dtype(base_cfg)
-    parts = build_sidecar(base_cfg.hidden_size, base_cfg.num_hidden_layers, config, torch_dtype,
+    parts = build_sidecar(base_cfg.hidden_size, base_cfg.num_hidden_layers, config,
                           getattr(base_cfg, "initializer_range", 0.02))
     state = {f"{name}.{k}": v.contiguous() for name, m in parts.items() if m is not None
              for k, v in m.state_dict().items()}

@@ -53,12 +53,10 @@ refinement state ([Z], deltas) ever enters the committed cache.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rkl.config import RecursiveConfig
@@ -76,14 +74,13 @@ class RefineResult:
     """What refine_chunk did, per inner step (index 0 = step 1). All tensors keep their graph when grad is on.
 
     logits[t]        [B, W, V] float32, entry j predicts chunk position j (entry 0 is prev_logits every step);
-    commit_logits[t] [B];  length_logits[t] [B, max_chunk_len] (None with enable_length_head off);
+    commit_logits[t] [B];
     tokens[t]        [B, W] the chunk tokens after step t (the input of step t + 1);
-    steps_used       inner steps run; final_tokens = tokens[-1].
+    steps_used       inner steps run; final_tokens = tokens[-1]; draft = the chunk as it came in.
     """
 
     logits: list[torch.Tensor] = field(default_factory=list)
     commit_logits: list[torch.Tensor] = field(default_factory=list)
-    length_logits: list[torch.Tensor | None] = field(default_factory=list)
     tokens: list[torch.Tensor] = field(default_factory=list)
     steps_used: int = 0
     final_tokens: torch.Tensor | None = None
@@ -93,6 +90,11 @@ class RefineResult:
     @property
     def p_commit(self) -> list[torch.Tensor]:
         return [torch.sigmoid(c.float()) for c in self.commit_logits]
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """The chunk each step read: the draft for step 1, then step t-1's tokens (one entry per step run)."""
+        return [self.draft] + self.tokens[: self.steps_used - 1]
 
     @property
     def tokens_changed(self) -> list[int]:
@@ -128,9 +130,13 @@ def commit_thresholds(commit_threshold: float, min_commit_threshold: float, k: i
     return [commit_threshold - (commit_threshold - lo) * (t / (k - 1)) for t in range(k)]
 
 
-def build_sidecar(hidden_size: int, num_layers: int, config: RecursiveConfig, dtype: torch.dtype = torch.float32,
-                  init_std: float = 0.02) -> dict[str, nn.Module | None]:
-    """The sidecar modules (CPU, `dtype`), seeded with config.seed so surgery is reproducible.
+def build_sidecar(hidden_size: int, num_layers: int, config: RecursiveConfig, init_std: float = 0.02
+                  ) -> dict[str, nn.Module | None]:
+    """The sidecar modules (CPU, float32 whatever the base's dtype), seeded with config.seed so surgery is reproducible.
+
+    float32 because they are what trains: AdamW steps of 3e-4 on bf16 weights round away (50 steps in bf16 left
+    every refine LayerNorm weight and the commit bias exactly where they started). The hooks cast each delta to the
+    layer's dtype, and a zero delta stays bitwise zero in any dtype.
 
     Returns {"refine_cells": ModuleDict keyed by str(layer), "boundary": BoundaryHead, "latent_token": LatentToken
     or None}. Raises UserError when layers_to_refine names a layer the model lacks.
@@ -140,13 +146,9 @@ def build_sidecar(hidden_size: int, num_layers: int, config: RecursiveConfig, dt
         torch.manual_seed(config.seed)
         cells = nn.ModuleDict({str(i): RefineCell(hidden_size, config.d_state, config.gate_hidden,
                                                   config.refine_cell_type) for i in layers})
-        boundary = BoundaryHead(hidden_size, config.gate_hidden, config.max_chunk_len, config.chunk_width)
+        boundary = BoundaryHead(hidden_size, config.gate_hidden)
         latent = LatentToken(hidden_size, init_std) if config.use_latent_token else None
-    parts = {"refine_cells": cells, "boundary": boundary, "latent_token": latent}
-    for m in parts.values():
-        if m is not None:
-            m.to(dtype)
-    return parts
+    return {"refine_cells": cells, "boundary": boundary, "latent_token": latent}
 
 
 def resolve_layers(config: RecursiveConfig, num_layers: int) -> list[int]:
@@ -180,8 +182,7 @@ class ChunkRefineWrapper(nn.Module):
         self.latent_token: LatentToken | None = None
         if not config.recursive_enabled:
             return
-        dtype = base_model.dtype
-        parts = build_sidecar(base_model.config.hidden_size, num_layers, config, dtype,
+        parts = build_sidecar(base_model.config.hidden_size, num_layers, config,
                               getattr(base_model.config, "initializer_range", 0.02))
         layers = base_model.model.layers
         for key, cell in parts["refine_cells"].items():
@@ -306,7 +307,8 @@ class ChunkRefineWrapper(nn.Module):
                      editable: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      max_inner_steps: int | None = None, commit_threshold: float | None = None, soft: bool = False,
                      *, prefix_ids: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
-                     cache_reset_policy: str | None = None, edit_rule: str = "vs_first_step") -> RefineResult:
+                     cache_reset_policy: str | None = None, edit_rule: str = "vs_first_step",
+                     unverified: torch.Tensor | None = None) -> RefineResult:
         """The inner loop over one chunk (see the module docstring for the exact protocol).
 
         chunk_ids [B, W]: the current chunk (the draft). snapshot: the cache at the chunk start (unused by
@@ -315,8 +317,11 @@ class ChunkRefineWrapper(nn.Module):
         over prefix and chunk (or [B, W] for the chunk, the prefix then taken from prefix_mask / all ones).
         commit_threshold None runs all K steps (training). soft: editable positions of step t + 1 get the
         probability-weighted embedding of step t's predictions instead of a token (differentiable).
-        edit_rule 'vs_first_step' is the exactness-preserving rule above; 'argmax' lets editable positions take
-        argmax(logits_t) outright (training experiments; not exact in bf16).
+        edit_rule 'vs_first_step' is the exactness-preserving rule above (training and inference); 'argmax' lets
+        editable positions take argmax(logits_t) outright (an ablation; not exact in bf16).
+        unverified [B, W] bool: editable positions holding a token nobody has checked against the current prefix
+        (a reused stale draft token, see generate.py): under 'vs_first_step' such a token stands only where step
+        1's argmax equals it and is replaced by that argmax otherwise, also when the loop stops at step 1.
         """
         self._require_sidecar()
         cfg = self.config
@@ -401,14 +406,17 @@ class ChunkRefineWrapper(nn.Module):
             chunk_logits = lm_head(h_text[:, : w - 1].to(lm_head.weight.device)).to(torch.float32)
             aligned = torch.cat([prev.unsqueeze(1).to(chunk_logits.device), chunk_logits], 1)
             summary = z_hidden if use_z else h_text[torch.arange(b, device=dev), last_valid]
-            commit_logit, length_logits = self.boundary(summary.to(_device_of(self.boundary)))
+            commit_logit = self.boundary(summary.to(_device_of(self.boundary)))
             result.logits.append(aligned)
             result.commit_logits.append(commit_logit)
-            result.length_logits.append(length_logits if cfg.enable_length_head else None)
             result.steps_used = t + 1
             argmax = aligned.argmax(-1).to(dev)
             if first_argmax is None:
                 first_argmax = argmax
+                if unverified is not None and edit_rule == "vs_first_step":
+                    # a reused token stands only where the unrefined pass over the new prefix predicts it
+                    draft = torch.where(editable & unverified.bool(), argmax, draft)
+                    tokens = draft
             if thresholds is not None:
                 p = torch.sigmoid(commit_logit.float()).to(dev)
                 if bool((p >= thresholds[t])[voters].all()):
@@ -429,166 +437,9 @@ class ChunkRefineWrapper(nn.Module):
         return result
 
     # ------------------------------------------------------------------------------------------ generation
-    def _special_tokens(self) -> tuple[torch.Tensor | None, int | None]:
-        gc = self.base.generation_config  # what HF generate reads (it does not fall back to model.config)
-        eos = gc.eos_token_id
-        eos_list = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = gc.pad_token_id
-        if pad is None and eos_list:
-            pad = eos_list[0]  # what HF generate does (with a warning)
-        eos_t = torch.tensor(eos_list, device=self.base.device) if eos_list else None
-        return eos_t, pad
+    def generate_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+                        ) -> Any:
+        """Chunked generation with refinement; see `rkl.model.generate.generate_chunks` for the arguments."""
+        from rkl.model.generate import generate_chunks
 
-    @staticmethod
-    def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
-        if not do_sample:
-            return torch.argmax(logits, dim=-1)
-        scores = logits / temperature if temperature != 1.0 else logits
-        if top_p < 1.0:  # HF's TopPLogitsWarper
-            sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            remove = cum <= (1 - top_p)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
-        return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-
-    @torch.no_grad()
-    def generate_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        max_new_tokens: int = 64, chunk_width: int | None = None, max_inner_steps: int | None = None,
-                        commit_threshold: float | None = None, do_sample: bool = False, temperature: float = 1.0,
-                        top_p: float = 1.0, return_stats: bool = False) -> Any:
-        """Chunked generation with refinement: ids [B, prompt + new] exactly as HF `generate` returns them.
-
-        Finished rows are padded with pad_token_id; generation stops once every row has emitted EOS or after
-        max_new_tokens. return_stats=True returns (ids, stats), one dict per chunk: inner_steps, p_commit (per step,
-        per row), committed_length, seeded_length, tokens_changed (per step), adopted_seed.
-        Disabled wrapper: `base.generate`. commit_threshold None = the config's. Sampling (do_sample) applies
-        temperature and top-p as HF does, but its random draws are not HF's, and logits processors configured in
-        the base's generation_config (repetition penalty, ...) are not applied; greedy decoding is exact.
-
-        Exactness at neutral init (greedy == base.generate, any dtype) needs use_soft_tokens off (soft inputs change
-        step 2's logits even with zero deltas) and chunk_width <= config.chunk_width: the untrained length head
-        predicts config.chunk_width tokens, so a wider chunk commits config.chunk_width tokens and re-advances the
-        cache through the chunked path (equal in fp32 up to ~1e-6, not bitwise in bf16).
-        """
-        base, cfg = self.base, self.config
-        if not self.enabled:
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            out = base.generate(input_ids, attention_mask=attention_mask, **kwargs)
-            return (out, []) if return_stats else out
-        width = chunk_width or cfg.chunk_width
-        k_steps = max_inner_steps or cfg.max_inner_steps
-        threshold = cfg.commit_threshold if commit_threshold is None else commit_threshold
-        eos, pad = self._special_tokens()
-        b = input_ids.shape[0]
-        dev = input_ids.device
-        if attention_mask is None:  # HF: infer from padding only when pad is set and is not an EOS token
-            attention_mask = torch.ones_like(input_ids)
-            if pad is not None and bool((input_ids == pad).any()) and (eos is None or not bool((eos == pad).any())):
-                attention_mask = input_ids.ne(pad).long()
-        mask = attention_mask.long()
-        keep_mask = not bool((mask == 1).all())  # HF drops an all-ones mask for the whole generation
-        decode_ctx = getattr(base, "_optimize_model_for_decode", contextlib.nullcontext)
-
-        def fwd(ids: torch.Tensor, m: torch.Tensor, cache: Any) -> torch.Tensor:
-            out = base(input_ids=ids, attention_mask=m if keep_mask else None,
-                       position_ids=positions_from_mask(m)[:, -ids.shape[1]:], past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1].to(torch.float32, copy=True)
-
-        cache = new_cache(base.config)
-        seq = input_ids
-        prev = fwd(input_ids, mask, cache)
-        unfinished = torch.ones(b, dtype=torch.long, device=dev)
-        generated = 0
-        stats: list[dict[str, Any]] = []
-        policy = cfg.cache_reset_policy
-        while generated < max_new_tokens and bool(unfinished.any()):
-            n = min(width, max_new_tokens - generated)
-            snap = snapshot_cache(cache)
-            # ---- seed: HF greedy/sampled decoding of up to n tokens, continuing the live cache
-            toks, running, logits, seed_mask, unf = [], [], prev, mask, unfinished.clone()
-            with decode_ctx():
-                for j in range(n):
-                    nt = self._select(logits, do_sample, temperature, top_p)
-                    if eos is not None:
-                        nt = nt * unf + pad * (1 - unf)
-                    running.append(unf.clone())
-                    toks.append(nt)
-                    if eos is not None:
-                        unf = unf & ~torch.isin(nt, eos)
-                    if not bool(unf.any()) or generated + j + 1 >= max_new_tokens:
-                        break  # generation ends here: like HF, do not feed the last token
-                    seed_mask = torch.cat([seed_mask, torch.ones(b, 1, dtype=mask.dtype, device=dev)], 1)
-                    logits = fwd(nt[:, None], seed_mask, cache)
-            seeded = torch.stack(toks, 1)
-            m = seeded.shape[1]
-            editable = torch.stack(running, 1).bool()
-            chunk_mask = torch.cat([mask, torch.ones(b, m, dtype=mask.dtype, device=dev)], 1)
-            res = self.refine_chunk(seeded, snap, prev, editable, attention_mask=chunk_mask,
-                                    max_inner_steps=k_steps, commit_threshold=threshold, soft=cfg.use_soft_tokens,
-                                    prefix_ids=seq if policy == "reset_all" else None, prefix_mask=mask)
-            final, length = self._commit(res, unfinished.bool(), eos, pad, m)
-            committed = final[:, :length]
-            adopt = length == m and torch.equal(committed, seeded)
-            if eos is not None:
-                unfinished = unfinished & ~torch.isin(committed, eos).any(-1).long()
-            seq = torch.cat([seq, committed], 1)
-            mask = torch.cat([mask, torch.ones(b, length, dtype=mask.dtype, device=dev)], 1)
-            generated += length
-            more = generated < max_new_tokens and bool(unfinished.any())
-            if adopt:
-                prev = logits  # the seeded cache (`cache`) already holds exactly these tokens
-            elif more:
-                cache = restore_cache(snap)
-                prev = fwd(committed, mask, cache)
-            if return_stats:
-                stats.append({
-                    "inner_steps": res.steps_used,
-                    "p_commit": [p.tolist() for p in res.p_commit],
-                    "committed_length": length,
-                    "seeded_length": m,
-                    "tokens_changed": res.tokens_changed,
-                    "adopted_seed": adopt,
-                })
-        return (seq, stats) if return_stats else seq
-
-    def _commit(self, res: RefineResult, running: torch.Tensor, eos: torch.Tensor | None, pad: int | None,
-                m: int) -> tuple[torch.Tensor, int]:
-        """(final tokens with pad after each row's EOS, the common commit length).
-
-        Per running row: head = length-head argmax + 1 (or m without a length head), clipped to 1..m; a row whose
-        first EOS lies within its head length finishes in this chunk and wants first_eos + 1 tokens. The common
-        length is the minimum over running rows that do not finish here (rows finishing inside the chunk do not
-        constrain it); when every running row finishes, it is the maximum, i.e. up to the last EOS, as HF stops.
-        """
-        final = res.final_tokens
-        b = final.shape[0]
-        dev = final.device
-        lengths = res.length_logits[-1]
-        if lengths is None:
-            head = torch.full((b,), m, dtype=torch.long, device=dev)
-        else:
-            head = (lengths.argmax(-1).to(dev) + 1).clamp(1, m)
-        if eos is not None:
-            is_eos = torch.isin(final, eos) & running.unsqueeze(1)
-            has = is_eos.any(-1)
-            first = torch.where(has, is_eos.long().argmax(-1), torch.full_like(head, m))
-        else:
-            has = torch.zeros(b, dtype=torch.bool, device=dev)
-            first = torch.full_like(head, m)
-        want = torch.where(has, torch.minimum(head, first + 1), head)
-        finishes = has & (first + 1 <= head)
-        open_rows = running & ~finishes
-        if bool(open_rows.any()):
-            length = int(want[open_rows].min())
-        elif bool(running.any()):
-            length = int(want[running].max())
-        else:
-            length = m
-        if eos is not None and pad is not None:
-            after = torch.arange(m, device=dev).unsqueeze(0) > first.unsqueeze(1)
-            final = torch.where(after & has.unsqueeze(1), torch.full_like(final, pad), final)
-        return final, length
+        return generate_chunks(self, input_ids, attention_mask=attention_mask, **kwargs)

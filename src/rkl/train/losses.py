@@ -1,16 +1,17 @@
-"""The six refinement losses of a chunk refined over K inner steps, and their weighted total.
+"""The five refinement losses of a chunk refined over K inner steps, and their weighted total.
 
-DESIGN.md, "The algorithm, precisely" (Training): final CE, masked CE (deep supervision), halt BCE, length
-CE, ponder cost and stability KL; total = sum of lambda_* x loss with the lambdas from RecursiveConfig.
+DESIGN.md, "The algorithm, precisely" (Training): final CE, masked CE (deep supervision), halt BCE, ponder cost
+and the keep KL; total = sum of lambda_* x loss with the lambdas from RecursiveConfig. (There is no length loss:
+how much a chunk commits is the label-free commit rule of rkl.model.commit.)
 
 Conventions shared by every function here:
 
-- Shapes: B rows, W chunk positions, V vocabulary, K inner steps, L = max_chunk_len.
+- Shapes: B rows, W chunk positions, V vocabulary, K inner steps.
   ``step_logits[t]`` is [B, W, V] and already aligned (entry [:, j] predicts chunk position j);
-  ``commit_logits[t]`` is [B]; ``length_logits[t]`` is [B, L]; ``drafts[t]`` is [B, W] long.
-- Loss positions are ``loss_mask`` (editable positions holding a corrupted token or a model draft). The
-  leakage rule lives in the caller, which must never put a position whose target is visible in the chunk
-  into ``loss_mask``; these functions only ever read targets at ``loss_mask`` positions for the CE/KL terms.
+  ``commit_logits[t]`` is [B]; ``step_inputs[t]`` is [B, W] long (the tokens step t + 1 read).
+- Loss positions are ``loss_mask`` (positions holding a model-sampled token or a model draft). The leakage rule
+  lives in the caller, which must never put a position whose target is visible in the chunk into ``loss_mask``;
+  the CE terms read targets only at ``loss_mask`` positions, the keep term reads none.
 - Masked means divide by ``max(count, 1)``: an empty mask gives exactly 0, never NaN. Masked-out entries
   are removed with ``torch.where`` (never filled with -inf), and targets outside the mask are replaced by
   class 0 before the gather, so padding ids such as -100 are harmless.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_NAMES: tuple[str, ...] = ("final", "masked", "halt", "len", "ponder", "stability")
+LOSS_NAMES: tuple[str, ...] = ("final", "masked", "halt", "ponder", "keep")
 """The keys of `refinement_losses` and the suffixes of the config's ``lambda_*`` fields, in order."""
 
 
@@ -86,76 +87,43 @@ def masked_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor)
 # --- 3: halting BCE ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def halt_targets(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor) -> Tensor:
-    """y [B, K] float: y[b, t] = 1.0 iff argmax(step_logits[t][b, j]) == targets[b, j] at every loss position j
-    of row b (vacuously 1.0 for a row without loss positions). No gradient."""
+def halt_targets(step_inputs: Sequence[Tensor], targets: Tensor, valid: Tensor) -> Tensor:
+    """y [B, K] float: y[b, t] = 1.0 iff every token a stop at step t would commit in row b is right.
+
+    A step that stops commits the tokens it was run on, ``step_inputs[t]`` (the chunk for t = 1, else step t-1's
+    output), cut by the commit rule (`rkl.model.commit.commit_lengths`: up to and including the first token that
+    differs from the chunk as it came in, ``step_inputs[0]``). Vacuously 1.0 for a row without valid positions.
+    No gradient.
+    """
+    from rkl.model.commit import commit_lengths  # the one definition of the commit rule
+
+    draft = step_inputs[0]
+    idx = torch.arange(draft.shape[1], device=draft.device)
     ys = []
-    for z in step_logits:
-        right = (z.argmax(dim=-1) == targets) | ~loss_mask
-        ys.append(right.all(dim=-1))
+    for tokens in step_inputs:
+        n = commit_lengths(tokens, draft, valid)
+        committed = idx.unsqueeze(0) < n.unsqueeze(1)
+        ys.append(((tokens == targets) | ~committed).all(dim=-1))
     return torch.stack(ys, dim=1).float()
 
 
-def halt_loss(commit_logits: Sequence[Tensor], step_logits: Sequence[Tensor], targets: Tensor,
-              loss_mask: Tensor) -> Tensor:
-    """Halting BCE: teach the commit head "is the chunk already right at step t?".
+def halt_loss(commit_logits: Sequence[Tensor], step_inputs: Sequence[Tensor], targets: Tensor,
+              valid: Tensor) -> Tensor:
+    """Halting BCE: teach the commit head "would stopping now commit only right tokens?".
 
     halt = (1/(B*K)) sum_{b,t} BCEwithLogits(c[b,t], y[b,t]),
     BCEwithLogits(c, y) = -(y * log sigmoid(c) + (1-y) * log(1 - sigmoid(c))) = softplus(c) - y*c,
-    with y from `halt_targets` (detached). A row without loss positions has y = 1 at every step.
+    with y from `halt_targets` (detached).
     """
     k = _check_steps("commit_logits", commit_logits)
-    if len(step_logits) != k:
-        raise ValueError(f"commit_logits has {k} steps but step_logits has {len(step_logits)}")
+    if len(step_inputs) != k:
+        raise ValueError(f"commit_logits has {k} steps but step_inputs has {len(step_inputs)}")
     c = torch.stack([x.float() for x in commit_logits], dim=1)          # [B, K]
-    y = halt_targets(step_logits, targets, loss_mask).to(c.device)
+    y = halt_targets(step_inputs, targets, valid).to(c.device)
     return F.binary_cross_entropy_with_logits(c, y, reduction="mean")
 
 
-# --- 4: length head ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def length_targets(drafts_t: Tensor, targets: Tensor, valid: Tensor, loss_mask: Tensor) -> Tensor:
-    """B* [B] long: how many tokens of the current draft could be committed without an error.
-
-    B*[b] = max(1, min(P[b], N[b])), where
-      P[b] = the length of the longest prefix of the draft that is right: the largest p with
-             drafts_t[b, j] == targets[b, j] for every j < p (0 when position 0 is already wrong);
-      N[b] = valid[b].sum(): the chunk's true end, the EOS position included (``valid`` marks the positions
-             inside the document, which are a prefix of the chunk).
-    The floor of 1 is there because a commit always takes at least one token (when the very first token is
-    wrong the best the head can do is commit as little as possible); it also makes a row with no valid
-    positions get 1. Every position is compared, editable or not: outside ``loss_mask`` the draft holds the
-    input token, which is the true token when the caller obeys the leakage rule, so ``loss_mask`` does not
-    change B*; it is accepted so every length function takes the same arguments. No gradient.
-    """
-    del loss_mask  # see the docstring: positions outside it are compared like any other
-    right = (drafts_t == targets).long()
-    prefix = torch.cumprod(right, dim=-1).sum(dim=-1)                   # P
-    n_valid = valid.long().sum(dim=-1)                                  # N
-    return torch.minimum(prefix, n_valid).clamp(min=1)
-
-
-def length_loss(length_logits: Sequence[Tensor], drafts: Sequence[Tensor], targets: Tensor, valid: Tensor,
-                loss_mask: Tensor) -> Tensor:
-    """Length-head CE against the longest correct prefix of the draft held after each step.
-
-    len = (1/K) sum_t (1/B) sum_b CE(length_logits[t][b], cls[b,t]),
-    cls[b,t] = min(B*_t[b] - 1, L - 1) with B*_t = length_targets(drafts[t], ...): class c means "commit c+1
-    tokens", so a B* beyond what the head can express is clipped to its largest class.
-    """
-    k = _check_steps("length_logits", length_logits)
-    if len(drafts) != k:
-        raise ValueError(f"length_logits has {k} steps but drafts has {len(drafts)}")
-    per_step = []
-    for logits, draft in zip(length_logits, drafts):
-        n_classes = logits.shape[-1]
-        cls = (length_targets(draft, targets, valid, loss_mask) - 1).clamp(0, n_classes - 1)
-        per_step.append(F.cross_entropy(logits.float(), cls.to(logits.device), reduction="mean"))
-    return torch.stack(per_step).sum() / k
-
-
-# --- 5: halting distribution and ponder cost -----------------------------------------------------------
+# --- 4: halting distribution and ponder cost -----------------------------------------------------------
 
 def halting_distribution(commit_logits: Sequence[Tensor]) -> Tensor:
     """q [B, K]: the probability that the inner loop stops after step t (t = 1..K).
@@ -185,54 +153,48 @@ def ponder_loss(commit_logits: Sequence[Tensor]) -> Tensor:
     return (q * steps).sum(dim=1).mean()
 
 
-# --- 6: stability KL -----------------------------------------------------------------------------------
+# --- 5: keep KL ---------------------------------------------------------------------------------------
 
-def stability_loss(step_logits: Sequence[Tensor], loss_mask: Tensor) -> Tensor:
-    """KL between successive steps' predictive distributions at the loss positions, earlier step detached.
+def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor) -> Tensor:
+    """KL from step 1's predictive distribution to each later step's, at the keep positions.
 
-    stability = (1/(K-1)) sum_{t=2..K} [ sum_{b,j: mask} KL(sg(P_{t-1}) || P_t)[b,j] / max(#mask, 1) ],
+    keep = (1/(K-1)) sum_{t=2..K} [ sum_{b,j: keep_mask} KL(sg(P_1) || P_t)[b,j] / max(#keep_mask, 1) ],
     KL(p || q) = sum_v p_v (log p_v - log q_v), P_t = softmax(step_logits[t]), sg = stop-gradient.
-    The gradient flows only into the later step (pulling it toward the earlier one); K == 1 gives 0, still
-    connected to ``step_logits[0]``'s graph.
+    Keep positions are valid positions that were NOT corrupted: their token came from the data, so a refinement
+    that moves the prediction there away from the unrefined one (step 1) pays, without reading any target.
+    K == 1 gives 0, still connected to ``step_logits[0]``'s graph.
     """
     k = _check_steps("step_logits", step_logits)
     if k == 1:
         return _zero_like_graph(step_logits[0])
+    logp_first = F.log_softmax(step_logits[0].detach().float(), dim=-1)
     per_step = []
-    for prev, cur in zip(step_logits[:-1], step_logits[1:]):
-        logp_prev = F.log_softmax(prev.detach().float(), dim=-1)
+    for cur in step_logits[1:]:
         logp_cur = F.log_softmax(cur.float(), dim=-1)
-        kl = (logp_prev.exp() * (logp_prev - logp_cur)).sum(dim=-1)     # [B, W]
-        per_step.append(_masked_mean(kl, loss_mask))
+        kl = (logp_first.exp() * (logp_first - logp_cur)).sum(dim=-1)    # [B, W]
+        per_step.append(_masked_mean(kl, keep_mask))
     return torch.stack(per_step).sum() / (k - 1)
 
 
-# --- all six, and the weighted total --------------------------------------------------------------------
+# --- all five, and the weighted total -------------------------------------------------------------------
 
 def refinement_losses(step_logits: Sequence[Tensor], commit_logits: Sequence[Tensor],
-                      length_logits: Sequence[Tensor] | None, drafts: Sequence[Tensor] | None,
-                      targets: Tensor, loss_mask: Tensor, valid: Tensor) -> dict[str, Tensor]:
-    """All six refinement losses, keyed by `LOSS_NAMES` (final, masked, halt, len, ponder, stability).
+                      step_inputs: Sequence[Tensor], targets: Tensor, loss_mask: Tensor, valid: Tensor
+                      ) -> dict[str, Tensor]:
+    """All five refinement losses, keyed by `LOSS_NAMES` (final, masked, halt, ponder, keep).
 
-    ``length_logits`` is None when the length head is disabled; "len" is then a 0 tensor (and ``drafts``
-    may be None too).
+    ``step_inputs[t]``: the chunk step t + 1 read (``step_inputs[0]`` is the chunk as built). Keep positions are
+    ``valid & ~loss_mask``.
     """
     k = _check_steps("step_logits", step_logits)
     if len(commit_logits) != k:
         raise ValueError(f"step_logits has {k} steps but commit_logits has {len(commit_logits)}")
-    if length_logits is None:
-        length = step_logits[0].new_zeros((), dtype=torch.float32)
-    else:
-        if drafts is None:
-            raise ValueError("length_logits given without drafts: the length target needs the drafts")
-        length = length_loss(length_logits, drafts, targets, valid, loss_mask)
     return {
         "final": final_ce(step_logits, targets, loss_mask),
         "masked": masked_ce(step_logits, targets, loss_mask),
-        "halt": halt_loss(commit_logits, step_logits, targets, loss_mask),
-        "len": length,
+        "halt": halt_loss(commit_logits, step_inputs, targets, valid),
         "ponder": ponder_loss(commit_logits),
-        "stability": stability_loss(step_logits, loss_mask),
+        "keep": keep_loss(step_logits, valid & ~loss_mask),
     }
 
 

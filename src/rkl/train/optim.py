@@ -9,18 +9,23 @@ import torch
 from rkl.config import RecursiveConfig
 
 
+NO_DECAY_GROUPS = ("unfrozen",)
+
+
 def build_optimizer(groups: dict[str, tuple[list[torch.nn.Parameter], float]], config: RecursiveConfig
                     ) -> torch.optim.AdamW:
     """groups: name -> (parameters, peak lr). Names are kept on the groups so logs can say which lr is which.
 
-    Biases, norms and 1-D parameters get no weight decay (the usual GPT recipe)."""
+    Biases, norms and 1-D parameters get no weight decay (the usual GPT recipe), and neither do the groups in
+    NO_DECAY_GROUPS: unfrozen base weights are pulled toward their PRETRAINED values by phase C's L2 term, and
+    decay toward 0 would fight it."""
     param_groups = []
     for name, (params, lr) in groups.items():
         params = [p for p in params if p.requires_grad]
         if not params:
             continue
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decay = [p for p in params if p.ndim >= 2 and name not in NO_DECAY_GROUPS]
+        no_decay = [p for p in params if p.ndim < 2 or name in NO_DECAY_GROUPS]
         if decay:
             param_groups.append({"params": decay, "lr": lr, "name": name, "weight_decay": config.weight_decay})
         if no_decay:

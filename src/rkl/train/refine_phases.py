@@ -1,10 +1,12 @@
 """Recursive phases A, B, C: train the sidecar (and, in B/C, a little of the base) to refine chunks.
 
 One example = (prefix, target chunk). The prefix runs once, without gradient (the base is frozen where it
-matters, and LoRA/unfrozen weights learn through the chunk passes); the K inner steps run over the corrupted
-chunk only, from the prefix's cache snapshot. Loss positions are the corrupted positions (or, with scheduled
-sampling, every position of a chunk that is the model's own draft): never a position whose target token is
-visible in the chunk the sidecar reads (the leakage rule).
+matters, and LoRA/unfrozen weights learn through the chunk passes). The chunk the sidecar refines is built from
+the prefix's cache snapshot to look like what inference refines (rkl.data.chunks.chunk_modes): the model's own
+greedy draft, a splice of the true chunk and the model's continuation, or the true chunk with model-sampled
+tokens at corrupted positions. Then K inner steps run over it from the same snapshot, every valid position
+editable, as in generation. Loss positions hold model outputs, never a visible target (the leakage rule); the
+other valid positions get the target-free keep term.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 import torch
 
 from rkl.config import RecursiveConfig
-from rkl.data.chunks import ChunkBatch, chunk_batch, corrupt, corruption_mask, scheduled_value
+from rkl.data.chunks import TRUE, ChunkBatch, chunk_batch, chunk_modes, scheduled_value
 from rkl.data.corpora import describe_source
 from rkl.data.packing import step_generator as packing_generator
 from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, load_model_with_config, save_sidecar
 from rkl.model.base import load_base
+from rkl.model.drafts import build_chunk
 from rkl.model.adapters import apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
 from rkl.train.drift import DriftProbe
@@ -85,9 +88,9 @@ class RefineTask:
                             self.tokenizer.eos_token_id)
         gen = step_generator(c.seed, step, micro)
         rate = scheduled_value(c.corruption_rate, c.corruption_rate_final, c.corruption_schedule, step, c.steps)
-        draft_p = scheduled_value(0.0, c.scheduled_sampling_final, c.scheduled_sampling, step, c.steps)
-        use_draft = draft_p > 0 and float(torch.rand((), generator=gen)) < draft_p
-        terms, stats = self.refine_losses(batch, rate, gen, use_draft=use_draft)
+        share = scheduled_value(c.draft_share, c.draft_share_final, c.draft_schedule, step, c.steps)
+        modes, _ = chunk_modes(batch.chunk_valid, share, c.splice_share, rate, c.corruption_mask, gen)
+        terms, stats, _ = self.losses_on(batch, modes, gen)
         loss = total_loss(terms, c)
         if self.unfrozen and c.l2_to_pretrained > 0:
             l2 = l2_to_pretrained(self.unfrozen, self.reference)
@@ -95,75 +98,56 @@ class RefineTask:
             stats["loss_l2_pretrained"] = float(l2.detach())
         tokens = batch.prefix_ids.numel() + batch.chunk_ids.numel()
         return loss, {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}, **stats,
-                      "corruption_rate": rate, "draft_probability": draft_p, "tokens": float(tokens)}
+                      "corruption_rate": rate, "draft_share": share, "tokens": float(tokens)}
 
-    def refine_losses(self, batch: ChunkBatch, rate: float, gen: torch.Generator, use_draft: bool = False,
-                      max_inner_steps: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Corrupt (or draft) the chunk, run K inner steps over it and compute the six losses."""
-        chunk_in, loss_mask = self.chunk_inputs(batch, rate, gen, use_draft)
-        terms, stats, _ = self.losses_on(batch.prefix_ids.to(self.device), chunk_in, loss_mask,
-                                         batch.chunk_ids.to(self.device), batch.chunk_valid.to(self.device),
-                                         max_inner_steps)
-        return terms, stats
+    def losses_on(self, batch: ChunkBatch, modes: torch.Tensor, gen: torch.Generator,
+                  max_inner_steps: int | None = None):
+        """Build the chunk (`modes`, from the prefix's snapshot), run K inner steps over it, compute the losses.
 
-    def chunk_inputs(self, batch: ChunkBatch, rate: float, gen: torch.Generator, use_draft: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chunk the sidecar reads, loss positions). Leakage rule: a loss position never holds its target:
-        it holds a corrupted token (never equal to the target) or the model's own draft."""
+        As at inference, every valid position is editable and tokens change under the exact edit rule. The targets
+        enter the chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses.
+        Returns (terms, stats, RefineResult)."""
+        prefix = batch.prefix_ids.to(self.device)
+        targets = batch.chunk_ids.to(self.device)
         valid = batch.chunk_valid.to(self.device)
-        if use_draft:
-            return self.greedy_draft(batch.prefix_ids.to(self.device), batch.chunk_ids.shape[1]), valid.clone()
-        loss_mask = corruption_mask(batch.chunk_valid, rate, self.config.corruption_mask, gen)
-        # Corrupt into tokens the tokenizer can produce (a big preset vocabulary has untrained rows beyond it).
-        chunk_in = corrupt(batch.chunk_ids, loss_mask, len(self.tokenizer), gen,
-                           special_ids=tuple(self.tokenizer.all_special_ids))
-        return chunk_in.to(self.device), loss_mask.to(self.device)
-
-    def losses_on(self, prefix: torch.Tensor, chunk_in: torch.Tensor, loss_mask: torch.Tensor, targets: torch.Tensor,
-                  valid: torch.Tensor, max_inner_steps: int | None = None):
-        """The six losses of K inner steps over `chunk_in`; the targets enter only the losses, never the model.
-
-        Training lets editable positions take the step's argmax (edit_rule='argmax'): after step 1 the chunk
-        holds the model's own guesses, as it does at inference."""
+        modes = modes.to(self.device)
+        loss_mask = valid & (modes != TRUE)
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
-        result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=loss_mask,
-                                           max_inner_steps=max_inner_steps, edit_rule="argmax", prefix_ids=prefix)
-        drafts = [torch.where(loss_mask, logits.argmax(-1), chunk_in) for logits in result.logits]
-        terms = refinement_losses(result.logits, result.commit_logits, result.length_logits, drafts,
-                                  targets, loss_mask, valid)
+            chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen)
+        result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=valid,
+                                           max_inner_steps=max_inner_steps, prefix_ids=prefix)
+        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, targets, loss_mask, valid)
         n = loss_mask.sum().clamp(min=1)
-        acc_k = ((drafts[-1] == targets) & loss_mask).sum() / n
-        acc_1 = ((drafts[0] == targets) & loss_mask).sum() / n
-        stats = {"acc_k": float(acc_k), "acc_1": float(acc_1), "n_loss_positions": float(loss_mask.sum())}
+        right = lambda logits: float(((logits.argmax(-1) == targets) & loss_mask).sum() / n)  # noqa: E731
+        stats = {"acc_k": right(result.logits[-1]), "acc_1": right(result.logits[0]),
+                 "n_loss_positions": float(loss_mask.sum())}
         return terms, stats, result
 
     @torch.no_grad()
-    def greedy_draft(self, prefix: torch.Tensor, width: int) -> torch.Tensor:
-        """The model's own greedy continuation (recursion off): what the chunk holds at inference."""
-        out = self.wrapper.base.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=width,
-                                         min_new_tokens=width, do_sample=False,
-                                         pad_token_id=self.tokenizer.pad_token_id)
-        return out[:, prefix.shape[1]:prefix.shape[1] + width]
-
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Fixed held-out chunks and masks (same at every call): losses with K steps and the one-pass CE."""
+        """Fixed held-out chunks (the same at every call), built two ways: the model's greedy DRAFT (every valid
+        position scored) and SAMPLED corruption at corruption_rate (fixed, so the curve is comparable across steps;
+        the sampled positions scored). For each: CE and accuracy after K steps and after one pass (step 1 runs with
+        zero deltas: the unrefined model through the same chunk path), and the losses (the total over both)."""
         c = self.config
         lo, hi = prefix_range(c)
         sums: dict[str, float] = {}
         for i in range(c.eval_batches):
             batch = chunk_batch(self.val_stream, i, c.batch_size, c.chunk_width, lo, hi, c.seed + 10_007,
                                 self.tokenizer.eos_token_id)
-            chunk_in, loss_mask = self.chunk_inputs(batch, c.corruption_rate, step_generator(c.seed + 10_007, i, 0))
             targets = batch.chunk_ids.to(self.device)
-            terms, stats, result = self.losses_on(batch.prefix_ids.to(self.device), chunk_in, loss_mask, targets,
-                                                  batch.chunk_valid.to(self.device))
-            one_pass = final_ce(result.logits[:1], targets, loss_mask)  # step 1 runs with zero deltas
-            row = {"loss": float(total_loss(terms, c)), "ce_k": float(terms["final"]), "ce_1": float(one_pass),
-                   **{f"loss_{k}": float(v) for k, v in terms.items()}, **stats}
-            for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + v / c.eval_batches
+            for name, share in (("draft", 1.0), ("corrupt", 0.0)):
+                gen = step_generator(c.seed + 10_007, i, 0)
+                modes, _ = chunk_modes(batch.chunk_valid, share, 0.0, c.corruption_rate, c.corruption_mask, gen)
+                terms, stats, result = self.losses_on(batch, modes, gen)
+                loss_mask = batch.chunk_valid.to(self.device) & (modes.to(self.device) != TRUE)
+                row = {f"{name}_ce_k": float(terms["final"]),
+                       f"{name}_ce_1": float(final_ce(result.logits[:1], targets, loss_mask)),
+                       f"{name}_acc_k": stats["acc_k"], f"{name}_acc_1": stats["acc_1"],
+                       "loss": float(total_loss(terms, c)) / 2, **{f"loss_{k}": float(v) / 2 for k, v in terms.items()}}
+                for k, v in row.items():
+                    sums[k] = sums.get(k, 0.0) + v / c.eval_batches
         if self.drift is not None:
             sums.update(self.drift.measure())
         return sums
