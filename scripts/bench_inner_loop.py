@@ -70,7 +70,7 @@ def check_exact(base, device: str, max_new: int = 24) -> list[tuple[str, bool]]:
         for width, k, latent, with_eos in cases:
             gc.eos_token_id = int(free[1, ids.shape[1] + 8]) if with_eos else saved_eos
             ref = base.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False)
-            cfg = RecursiveConfig(chunk_width=width, max_chunk_len=max(64, width), max_inner_steps=k,
+            cfg = RecursiveConfig(chunk_width=width, max_inner_steps=k,
                                   use_latent_token=latent)
             w = ChunkRefineWrapper(base, cfg)
             out = w.generate_chunks(ids, attention_mask=mask, max_new_tokens=max_new)
@@ -104,7 +104,7 @@ def main() -> None:
     base, _ = load_base(args.preset, dtype=args.dtype, device_map=args.device)
     base.eval()
     vocab = base.config.vocab_size
-    cfg = RecursiveConfig(chunk_width=args.width, max_chunk_len=max(64, args.width), max_inner_steps=args.k)
+    cfg = RecursiveConfig(chunk_width=args.width, max_inner_steps=args.k)
     w = ChunkRefineWrapper(base, cfg)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(3, vocab, (args.batch, n), generator=g).to(args.device)  # noqa: E731

@@ -22,9 +22,9 @@ COMMON=(--set data=stdlib+arithmetic --set max_chars_per_source=3000000 --set ev
 s=$SECONDS; python3 -m rkl train --phase pretrain --model small --out "$W/baseline" --steps 60 --batch-size 8 \
   --set seq_len=1024 --set lr=1e-3 --set eval_interval=30 --set log_interval=10 "${COMMON[@]}" 2>&1 | tee "$OUT/pretrain_small.txt" | tail -4
 echo "pretrain wall $((SECONDS-s)) s" | tee -a "$OUT/summary.txt"
-python3 -m rkl surgery --model "$W/baseline" --out "$W/after_surgery" --set chunk_width=64 --set max_chunk_len=64 2>&1 | tail -2 | tee "$OUT/surgery_small.txt"
+python3 -m rkl surgery --model "$W/baseline" --out "$W/after_surgery" --set chunk_width=64 2>&1 | tail -2 | tee "$OUT/surgery_small.txt"
 s=$SECONDS; python3 -m rkl train --phase a --model "$W/after_surgery" --out "$W/phase_a" --steps 40 --batch-size 8 \
-  --set chunk_width=64 --set max_chunk_len=64 --set seq_len=1088 --set eval_interval=20 --set log_interval=10 "${COMMON[@]}" 2>&1 | tee "$OUT/phase_a_small.txt" | tail -4
+  --set chunk_width=64 --set seq_len=1088 --set eval_interval=20 --set log_interval=10 "${COMMON[@]}" 2>&1 | tee "$OUT/phase_a_small.txt" | tail -4
 echo "phase a wall $((SECONDS-s)) s" | tee -a "$OUT/summary.txt"
 python3 - "$OUT" <<'PY'
 import sys, glob

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rkl.data import chunk_batch, corrupt, corruption_mask, scheduled_value
+from rkl.data import chunk_batch, chunk_modes, corruption_mask, scheduled_value
+from rkl.data.chunks import GREEDY, SAMPLE, TRUE
 from rkl.errors import UserError
 
 EOS = 2
@@ -105,29 +106,24 @@ def test_random_mask_rate_is_respected():
 
 
 # --- corrupt --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("vocab_size", [5, 8, 384])
-def test_corrupt_changes_exactly_the_masked_positions(vocab_size):
-    g = torch.Generator().manual_seed(vocab_size)
-    ids = torch.randint(0, vocab_size, (200, 16), generator=g)  # specials included as originals
-    mask = torch.rand(200, 16, generator=g) < 0.4
-    out = corrupt(ids, mask, vocab_size, torch.Generator().manual_seed(1))
-    assert out.dtype == torch.long and out.shape == ids.shape
-    assert torch.equal(out[~mask], ids[~mask])
-    assert (out[mask] != ids[mask]).all()
-    assert (out[mask] >= 3).all() and (out[mask] < vocab_size).all()
-    if vocab_size == 8:  # every other non-special token is reachable
-        for t in range(3, 8):
-            assert set(out[mask & (ids == t)].tolist()) == set(range(3, 8)) - {t}
+def test_chunk_modes_kinds_and_structure():
+    g = torch.Generator().manual_seed(0)
+    valid = torch.ones(400, 8, dtype=torch.bool)
+    valid[:50, 5:] = False  # rows whose chunk ends at an EOS in position 4
+    modes, kind = chunk_modes(valid, 0.5, 0.5, 0.3, "random", g)
+    share = torch.bincount(kind, minlength=3).float() / 400
+    assert abs(share[0] - 0.5) < 0.08 and abs(share[1] - 0.25) < 0.08 and abs(share[2] - 0.25) < 0.08
+    assert (modes[~valid] == TRUE).all()
+    drafts, splices, sampled = modes[kind == 0], modes[kind == 1], modes[kind == 2]
+    assert (drafts[valid[kind == 0]] == GREEDY).all()
+    for row, v in zip(splices, valid[kind == 1]):  # a true prefix of length >= 1, then greedy to the row's end
+        n, cut = int(v.sum()), int((row == TRUE).long().cumprod(0).sum())
+        assert 1 <= cut < max(n, 2) and (row[cut:n] == GREEDY).all()
+    assert set(sampled.unique().tolist()) <= {TRUE, SAMPLE} and ((sampled == SAMPLE).sum(1) >= 1).all()
+    again = chunk_modes(valid, 0.5, 0.5, 0.3, "random", torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], modes) and torch.equal(again[1], kind)
 
 
-def test_corrupt_is_deterministic_given_the_generator():
-    ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(8, 16, dtype=torch.bool)
-    a = corrupt(ids, mask, 100, torch.Generator().manual_seed(3))
-    assert torch.equal(a, corrupt(ids, mask, 100, torch.Generator().manual_seed(3)))
-
-
-# --- scheduled_value ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["none", "linear", "cosine"])
 def test_scheduled_value_endpoints(schedule):
     start, final, total = 0.3, 0.15, 100

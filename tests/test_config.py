@@ -31,7 +31,7 @@ def test_defaults_validate_clean():
     ({"layers_to_refine": [0, "1"]}, "layers_to_refine"),     # bad list item
     ({"layers_to_refine": [1, 1]}, "layers_to_refine"),       # duplicate
     ({"min_commit_threshold": 0.95}, "min_commit_threshold"),  # cross-field
-    ({"chunk_width": 80}, "chunk_width"),                     # exceeds max_chunk_len
+    ({"draft_share": 1.5}, "draft_share"),                   # above range
     ({"lambda_halt": float("nan")}, "lambda_halt"),           # not finite
 ])
 def test_each_error_names_its_key(data, key):
@@ -75,9 +75,11 @@ def test_stage_files_load_and_phases_differ_as_the_spec_says():
     assert not configs["baseline"].recursive_enabled and configs["after_surgery"].recursive_enabled
     a, b, c = configs["phase_a"], configs["phase_b"], configs["phase_c"]
     assert (a.lr_refine, a.lr_boundary, a.lr_latent) == (3e-4, 5e-4, 3e-4)
-    assert a.lora_rank == 0 and a.unfreeze_every == 0 and a.scheduled_sampling == "none"
-    assert 8 <= b.lora_rank <= 16 and b.lr_lora == 1e-5 and b.scheduled_sampling != "none"
-    assert b.scheduled_sampling_final > 0 and b.unfreeze_every == 0
+    assert a.lora_rank == 0 and a.unfreeze_every == 0 and a.draft_share > 0  # drafts from phase A on
+    assert 8 <= b.lora_rank <= 16 and b.lr_lora == 1e-5 and b.draft_schedule != "none"
+    assert b.draft_share_final > b.draft_share and b.unfreeze_every == 0
+    # the sidecar's shape is surgery's: every phase config must build the same cells
+    assert {cfg.refine_cell_type for cfg in (configs["after_surgery"], a, b, c)} == {a.refine_cell_type}
     assert c.unfreeze_every == 4 and c.l2_to_pretrained > 0
     # the vanilla control sees the same token budget as phase A (phase A's prefix length is uniform in a range)
     from rkl.train.refine_phases import prefix_range
@@ -92,3 +94,13 @@ def test_field_docs_cover_every_field():
     assert {r[0] for r in rows} == set(RecursiveConfig().to_dict())
     assert all(r[3] for r in rows)
     json.dumps([r[:3] for r in rows], default=str)
+
+
+def test_configs_written_before_the_commit_rule_still_load():
+    """recursive_config.json files saved before the length head was removed keep loading: renamed keys map to
+    their new names, keys of removed features are dropped."""
+    old = {"chunk_width": 8, "max_chunk_len": 32, "enable_length_head": True, "lambda_len": 0.1,
+           "lambda_stability": 0.02, "scheduled_sampling": "linear", "scheduled_sampling_final": 0.5}
+    cfg = RecursiveConfig.from_dict(old)
+    assert (cfg.lambda_keep, cfg.draft_schedule, cfg.draft_share_final) == (0.02, "linear", 0.5)
+    assert "max_chunk_len" not in cfg.to_dict()

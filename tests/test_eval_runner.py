@@ -4,7 +4,6 @@ numbers, history, provenance, TensorBoard, and one-line errors for a missing che
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -127,7 +126,12 @@ def test_compare_without_results_is_a_user_error(tmp_path):
 
 
 def test_restoration_never_shows_the_sidecar_a_scored_token(env, monkeypatch):
-    """Spy on refine_chunk: in restoration calls every editable (scored) position holds a corrupted token."""
+    """Spy on refine_chunk: the restoration chunk is what the base samples at the scored positions, and it does not
+    change when the targets at those positions do (so no scored target is in the chunk the sidecar reads)."""
+    from rkl.data.chunks import TRUE, chunk_modes
+    from rkl.data.packing import step_generator
+    from rkl.model.drafts import build_chunk
+
     wrapper, tok, cfg = load_model_with_config(env["root"] / "surg")
     wrapper.eval()
     calls = []
@@ -140,12 +144,19 @@ def test_restoration_never_shows_the_sidecar_a_scored_token(env, monkeypatch):
     monkeypatch.setattr(wrapper, "refine_chunk", spy)
     stream = torch.randint(3, 384, (2000,))
     with torch.no_grad():
-        refinement.chunk_tasks(wrapper, stream, cfg, 384, (0, 1, 2), 2, 8, 4, lambda k: None)
+        refinement.chunk_tasks(wrapper, stream, cfg, 2, 8, 4, lambda k: None)
     batch = next(refinement.eval_chunks(stream, 8, 2, 4))[1]
     restore = [c for c in calls if c[2] is None]
     assert len(restore) == 1
     chunk, editable, _ = restore[0]
-    assert editable.any() and not ((chunk == batch.chunk_ids) & editable).any()
+    assert torch.equal(editable, batch.chunk_valid)  # every valid position editable, as in generation
+    g = step_generator(tasks.EVAL_SEED, 0, "eval-corrupt")
+    modes, _ = chunk_modes(batch.chunk_valid, 0.0, 0.0, tasks.RESTORE_RATE, tasks.RESTORE_MASK, g)
+    scored = batch.chunk_valid & (modes != TRUE)
+    assert scored.any()
+    other = torch.where(scored, (batch.chunk_ids + 5) % 380 + 3, batch.chunk_ids)
+    snap, prev = wrapper.prepare_prefix(batch.prefix_ids)
+    assert torch.equal(build_chunk(wrapper, snap, prev, other, modes, g), chunk)
 
 
 def test_missing_checkpoint_is_one_line_user_error(tmp_path, monkeypatch):

@@ -19,12 +19,10 @@ from rkl.train.losses import (
     halt_loss,
     halt_targets,
     halting_distribution,
-    length_loss,
-    length_targets,
+    keep_loss,
     masked_ce,
     ponder_loss,
     refinement_losses,
-    stability_loss,
     total_loss,
 )
 
@@ -123,70 +121,36 @@ def test_masked_ce_hand_value_is_mean_over_steps():
 
 # --- 3: halt -------------------------------------------------------------------------------------------
 
-def test_halt_targets_and_loss_hand_value():
-    # Argmax at the loss positions: step 1, row 0 pos 0 -> [0,1,0] argmax 1 != target 0: wrong.
-    # Step 1, row 1: pos 1 [1,.9,0] -> 0 ok, pos 2 [0,-1,2] -> 2 ok.  Step 2: all right.
-    y = [[0.0, 1.0], [1.0, 1.0]]  # y[b][t]
-    assert_close(halt_targets(steps(), targets(), mask()), t(y))
+DRAFT = [[0, 1, 2], [1, 1, 2]]    # the chunk as built: row 0 right, row 1 wrong at position 1
+AFTER1 = [[0, 1, 2], [1, 0, 0]]   # after step 1: row 1 changed positions 1 (right) and 2 (wrong)
+
+
+def inputs() -> list[torch.Tensor]:
+    return [t(DRAFT), t(AFTER1)]
+
+
+def test_halt_targets_judge_what_a_stop_would_commit():
+    # Stop at step 1: commits the draft whole (nothing changed yet): row 0 right, row 1 wrong at 1.
+    # Stop at step 2: commits step 1's tokens up to and including the first change: row 1 commits [1, 0] (right);
+    # its wrong position 2 lies after the first change and is not committed.
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    y = [[1.0, 1.0], [0.0, 1.0]]
+    assert_close(halt_targets(inputs(), targets(), valid), t(y))
     expected = sum(bce(COMMIT[k][b], y[b][k]) for b in range(2) for k in range(2)) / 4
-    assert_close(halt_loss(commits(), steps(), targets(), mask()), scalar(expected))
+    assert_close(halt_loss(commits(), inputs(), targets(), valid), scalar(expected))
 
 
-def test_halt_targets_row_without_loss_positions_is_one():
-    m = mask()
-    m[0] = False  # row 0: no loss positions -> y = 1 even though its step-1 argmax is wrong at pos 0
-    assert_close(halt_targets(steps(), targets(), m), t([[1.0, 1.0], [1.0, 1.0]]))
+def test_halt_targets_stop_at_the_row_end():
+    valid = t([[True, True, True], [True, False, False]])  # row 1 ends after position 0 (its EOS)
+    assert_close(halt_targets(inputs(), targets(), valid), t([[1.0, 1.0], [1.0, 1.0]]))
+    valid[0] = False  # a row without valid positions: vacuously right
+    assert halt_targets(inputs(), targets(), valid)[0].tolist() == [1.0, 1.0]
 
 
 def test_halt_targets_carry_no_gradient():
-    z = steps(requires_grad=True)
     c = commits(requires_grad=True)
-    halt_loss(c, z, targets(), mask()).backward()
-    assert all(x.grad is None for x in z)
+    halt_loss(c, inputs(), targets(), torch.ones(2, 3, dtype=torch.bool)).backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in c)
-
-
-# --- 4: length -----------------------------------------------------------------------------------------
-
-def test_length_targets_hand_made_drafts():
-    tg = t([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]])
-    drafts = t([
-        [5, 6, 7, 8],  # all right, all valid -> 4
-        [0, 6, 7, 8],  # first wrong -> 0, floored to 1
-        [5, 6, 7, 8],  # all right, EOS at position 1 (2 valid) -> capped at 2
-        [5, 6, 0, 8],  # right prefix of 2 (a later right token does not extend it) -> 2
-        [5, 6, 7, 8],  # no valid position at all -> 1
-    ])
-    valid = t([[True] * 4, [True] * 4, [True, True, False, False], [True] * 4, [False] * 4])
-    lm = torch.ones(5, 4, dtype=torch.bool)
-    out = length_targets(drafts, tg, valid, lm)
-    assert out.dtype == torch.long
-    assert out.tolist() == [4, 1, 2, 2, 1]
-    # The mask does not change B* (positions outside it hold the input token, compared like any other).
-    assert length_targets(drafts, tg, valid, torch.zeros_like(lm)).tolist() == [4, 1, 2, 2, 1]
-
-
-def test_length_loss_hand_value():
-    valid = t([[True, True, True], [True, True, False]])  # row 1: EOS at position 1
-    drafts = [
-        t([[0, 1, 0], [2, 0, 2]]),  # B* = 2 (cls 1); B* = 0 -> 1 (cls 0)
-        t([[0, 1, 2], [1, 0, 2]]),  # B* = 3 (cls 2); B* = 3 capped at 2 valid (cls 1)
-    ]
-    LL = [
-        [[0.1, 0.2, 0.3, 0.4], [1.0, 0.0, -1.0, 0.5]],
-        [[0.0, 0.0, 2.0, 0.0], [-0.5, 1.5, 0.0, 0.0]],
-    ]
-    cls = [[1, 0], [2, 1]]  # cls[t][b]
-    expected = sum(ce(LL[k][b], cls[k][b]) for k in range(2) for b in range(2)) / 4
-    got = length_loss([t(x) for x in LL], drafts, targets(), valid, mask())
-    assert_close(got, scalar(expected))
-
-
-def test_length_loss_clamps_class_to_head_size():
-    # B* = 3 but the head only has L = 2 classes: the target is the largest class (index 1).
-    z = [0.3, -0.2]
-    got = length_loss([t([z])], [t([[0, 1, 2]])], t([[0, 1, 2]]), t([[True] * 3]), t([[True] * 3]))
-    assert_close(got, scalar(ce(z, 1)))
 
 
 # --- 5: halting distribution and ponder ----------------------------------------------------------------
@@ -228,28 +192,38 @@ def test_ponder_has_gradient_into_commit_logits():
     assert c[1].grad is None or (c[1].grad == 0).all()
 
 
-# --- 6: stability --------------------------------------------------------------------------------------
+# --- 5: keep -------------------------------------------------------------------------------------------
 
-def test_stability_hand_value():
-    total = 0.0
-    for b, j in LOSS_POS:
-        p, q = softmax(L1[b][j]), softmax(L2[b][j])
-        total += sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
-    assert_close(stability_loss(steps(), mask()), scalar(total / 3))
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
 
 
-def test_stability_gradient_only_into_later_step():
+KEEP_POS = [(0, 1), (0, 2), (1, 0)]  # valid and not a loss position
+
+
+def test_keep_hand_value():
+    total = sum(kl(softmax(L1[b][j]), softmax(L2[b][j])) for b, j in KEEP_POS)
+    assert_close(keep_loss(steps(), ~mask()), scalar(total / 3))
+
+
+def test_keep_compares_every_step_with_step_one():
+    l3 = [[[v * 2 for v in row] for row in rows] for rows in L2]
+    z = steps() + [t(l3)]
+    per = [sum(kl(softmax(L1[b][j]), softmax(L[b][j])) for b, j in KEEP_POS) / 3 for L in (L2, l3)]
+    assert_close(keep_loss(z, ~mask()), scalar(sum(per) / 2))
+
+
+def test_keep_gradient_only_into_later_steps_at_keep_positions():
     z = steps(requires_grad=True)
-    stability_loss(z, mask()).backward()
+    keep_loss(z, ~mask()).backward()
     assert z[0].grad is None or (z[0].grad == 0).all()
     assert z[1].grad is not None and z[1].grad.abs().sum() > 0
-    # Only at loss positions.
-    assert (z[1].grad[~mask()] == 0).all()
+    assert (z[1].grad[mask()] == 0).all()
 
 
-def test_stability_k1_is_zero_with_grad_path():
+def test_keep_k1_is_zero_with_grad_path():
     z = [t(L1, requires_grad=True)]
-    out = stability_loss(z, mask())
+    out = keep_loss(z, mask())
     assert out.item() == 0.0 and out.requires_grad
     out.backward()
     assert (z[0].grad == 0).all()
@@ -260,56 +234,46 @@ def test_stability_k1_is_zero_with_grad_path():
 def test_every_loss_is_finite_with_an_all_false_mask():
     z = steps(requires_grad=True)
     c = commits(requires_grad=True)
-    ll = [torch.randn(2, 4, requires_grad=True) for _ in range(2)]
-    drafts = [x.argmax(-1) for x in steps()]
-    valid = torch.ones(2, 3, dtype=torch.bool)
     em = empty_mask()
     outs = {
         "final": final_ce(z, targets(), em),
         "masked": masked_ce(z, targets(), em),
-        "halt": halt_loss(c, z, targets(), em),
-        "len": length_loss(ll, drafts, targets(), valid, em),
+        "halt": halt_loss(c, inputs(), targets(), em),
         "ponder": ponder_loss(c),
-        "stability": stability_loss(z, em),
+        "keep": keep_loss(z, em),
     }
     for name, v in outs.items():
         assert v.dim() == 0 and torch.isfinite(v), name
         assert v.requires_grad, name
-    assert outs["final"].item() == 0.0 and outs["masked"].item() == 0.0 and outs["stability"].item() == 0.0
-    # Empty mask: every row has y = 1 at every step.
+    assert outs["final"].item() == 0.0 and outs["masked"].item() == 0.0 and outs["keep"].item() == 0.0
+    # No valid position: every row has y = 1 at every step.
     expected_halt = sum(bce(COMMIT[k][b], 1.0) for b in range(2) for k in range(2)) / 4
     assert_close(outs["halt"], scalar(expected_halt))
-    # Also no valid positions at all: B* = 1 for every row, still finite.
-    assert length_targets(drafts[0], targets(), torch.zeros_like(valid), em).tolist() == [1, 1]
     total = sum(outs.values())
     total.backward()
-    for x in z + c + ll:
+    for x in z + c:
         assert x.grad is not None and torch.isfinite(x.grad).all()
     # The CE/KL terms contribute no gradient at all with an empty mask.
     assert (z[0].grad == 0).all()
 
 
-def test_refinement_losses_keys_and_disabled_length_head():
+def test_refinement_losses_keys_and_positions():
     z, c = steps(), commits()
-    valid = torch.ones(2, 3, dtype=torch.bool)
-    drafts = [x.argmax(-1) for x in z]
-    terms = refinement_losses(z, c, None, None, targets(), mask(), valid)
+    valid = t([[True, True, False], [True, True, True]])
+    terms = refinement_losses(z, c, inputs(), targets(), mask(), valid)
     assert tuple(terms) == LOSS_NAMES
-    assert terms["len"].item() == 0.0
     assert_close(terms["final"], final_ce(z, targets(), mask()))
-    assert_close(terms["stability"], stability_loss(z, mask()))
-    ll = [torch.zeros(2, 4), torch.zeros(2, 4)]
-    terms = refinement_losses(z, c, ll, drafts, targets(), mask(), valid)
-    assert_close(terms["len"], scalar(math.log(4.0)))  # uniform over 4 classes
+    assert_close(terms["keep"], keep_loss(z, valid & ~mask()))  # keep: valid, not a loss position
+    assert_close(terms["halt"], halt_loss(c, inputs(), targets(), valid))
     assert all(torch.isfinite(v) for v in terms.values())
 
 
 def test_total_loss_weights_terms_by_config_lambdas():
-    cfg = RecursiveConfig(lambda_final=2.0, lambda_masked=0.5, lambda_halt=0.25, lambda_len=0.0,
-                          lambda_ponder=0.125, lambda_stability=3.0)
-    values = {"final": 1.0, "masked": 2.0, "halt": 4.0, "len": 100.0, "ponder": 8.0, "stability": 0.5}
+    cfg = RecursiveConfig(lambda_final=2.0, lambda_masked=0.5, lambda_halt=0.25, lambda_ponder=0.125,
+                          lambda_keep=3.0)
+    values = {"final": 1.0, "masked": 2.0, "halt": 4.0, "ponder": 8.0, "keep": 0.5}
     terms = {k: scalar(v) for k, v in values.items()}
-    expected = 2.0 * 1.0 + 0.5 * 2.0 + 0.25 * 4.0 + 0.0 * 100.0 + 0.125 * 8.0 + 3.0 * 0.5
+    expected = 2.0 * 1.0 + 0.5 * 2.0 + 0.25 * 4.0 + 0.125 * 8.0 + 3.0 * 0.5
     assert_close(total_loss(terms, cfg), scalar(expected))
     with pytest.raises(KeyError, match="ponder"):
         total_loss({k: v for k, v in terms.items() if k != "ponder"}, cfg)
@@ -317,19 +281,19 @@ def test_total_loss_weights_terms_by_config_lambdas():
 
 def test_end_to_end_bf16_batch_backpropagates():
     g = torch.Generator().manual_seed(1)
-    B, W, V, K, L = 3, 5, 11, 3, 8
+    B, W, V, K = 3, 5, 11, 3
     z = [torch.randn(B, W, V, generator=g).bfloat16().requires_grad_() for _ in range(K)]
     c = [torch.randn(B, generator=g).requires_grad_() for _ in range(K)]
-    ll = [torch.randn(B, L, generator=g).requires_grad_() for _ in range(K)]
     tg = torch.randint(0, V, (B, W), generator=g)
     lm = torch.rand(B, W, generator=g) < 0.5
     lm[0] = False  # one row without loss positions
     valid = torch.ones(B, W, dtype=torch.bool)
     valid[2, 3:] = False
-    drafts = [torch.where(lm, x.argmax(-1), tg) for x in z]
-    terms = refinement_losses(z, c, ll, drafts, tg, lm, valid)
+    lm &= valid
+    tokens = [torch.where(lm, x.argmax(-1), tg) for x in z]
+    terms = refinement_losses(z, c, tokens, tg, lm, valid)
     total = total_loss(terms, RecursiveConfig())
     assert total.dtype == torch.float32 and torch.isfinite(total)
     total.backward()
-    for x in z + c + ll:
+    for x in z + c:
         assert x.grad is not None and torch.isfinite(x.grad.float()).all()

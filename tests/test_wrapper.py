@@ -341,3 +341,45 @@ def test_mixed_sidecar_and_base_dtypes_never_crash():
     assert w.generate_chunks(ids, attention_mask=mask, max_new_tokens=4).shape == (2, 11)
     w.to(torch.bfloat16)  # moving the wrapper moves base and sidecar together
     assert {p.dtype for p in w.parameters()} == {torch.bfloat16}
+
+
+def test_gradients_flow_through_the_recurrent_state_across_steps(bases):
+    """The step-1 update's parameters get gradient through every later step: detaching the cell state between
+    steps changes their gradients (so the K-step backward really runs through the recurrence)."""
+    base = bases["float32"]
+    for p in base.parameters():
+        p.requires_grad_(False)
+    grads = {}
+    for detach in (False, True):
+        w = wrap(base, max_inner_steps=4, refine_cell_type="chunk_attention")
+        randomize_outputs(w, std=0.3)
+        if detach:
+            for cell in w.refine_cells.values():
+                cell.update = (lambda f: lambda h, m, s: f(h, m, None if s is None else s.detach()))(cell.update)
+        *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+        F.cross_entropy(res.logits[-1].flatten(0, 1), torch.roll(chunk, 1, dims=1).flatten()).backward()
+        grads[detach] = torch.cat([p.grad.flatten() for p in w.refine_cells.parameters()])
+        w.remove_hooks()
+    for p in base.parameters():
+        p.requires_grad_(True)
+    assert not torch.allclose(grads[False], grads[True], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("cell_type,reads_later", [("chunk_attention", True), ("per_token", False)])
+def test_what_an_early_position_can_read(bases, cell_type, reads_later):
+    """chunk_attention: position 1's step-2 logits move when only the chunk's LAST token changes (it reads the
+    whole draft); per_token: they do not (a causal position never sees a later token)."""
+    w = wrap(bases["float32"], max_inner_steps=2, refine_cell_type=cell_type)
+    randomize_outputs(w, std=0.3)
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    other = chunk.clone()
+    other[:, -1] = (chunk[:, -1] + 1) % 384
+    with torch.no_grad():
+        a = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, edit_rule="vs_first_step")
+        b = w.refine_chunk(other, snap, prev, editable, attention_mask=full_mask, edit_rule="vs_first_step")
+    w.remove_hooks()
+    # step 1 is causal (the chunked KDA path rounds differently when a later token changes: ~1e-7)
+    torch.testing.assert_close(a.logits[0][:, :2], b.logits[0][:, :2], rtol=0, atol=1e-6)
+    moved = (a.logits[1][:, 2] - b.logits[1][:, 2]).abs().max()  # entry 2 = the logits at chunk position 1
+    assert (moved > 1e-4) == reads_later, float(moved)

@@ -117,29 +117,6 @@ def chunk_modes(valid: torch.Tensor, draft_share: float, splice_share: float, ra
     return torch.where(valid, modes, TRUE), kind
 
 
-def corrupt(chunk_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int, generator: torch.Generator,
-            special_ids: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
-    """Replace masked positions by uniform NON-special tokens that differ from the original token.
-
-    A corrupted input never equals its target, so "every corrupted position is right" means the model
-    actually repaired it; unmasked positions are returned unchanged.
-    """
-    allowed = torch.tensor(sorted(set(range(vocab_size)) - set(special_ids)), dtype=torch.long)
-    m = allowed.numel()
-    if m < 2:
-        raise ValueError(f"vocab_size {vocab_size} leaves fewer than 2 non-special tokens to corrupt with")
-    allowed = allowed.to(chunk_ids.device)
-    is_allowed = torch.isin(chunk_ids, allowed)
-    # Draw an index among the m allowed tokens minus the original (m - 1 choices when it is allowed),
-    # then skip over the original's own index: uniform over the others, exactly.
-    u = torch.rand(chunk_ids.shape, generator=generator, device=generator.device, dtype=torch.float64)
-    choices = (m - is_allowed.long()).to(u.device)
-    r = (u * choices).floor().long().clamp(max=m - 1).to(chunk_ids.device)
-    own = torch.searchsorted(allowed, chunk_ids.contiguous())
-    r = r + (is_allowed & (r >= own)).long()
-    return torch.where(mask.bool(), allowed[r], chunk_ids)
-
-
 def scheduled_value(start: float, final: float, schedule: str, step: int, total_steps: int) -> float:
     """A value moving from `start` (step 0) to `final` (step total_steps - 1): none, linear or cosine."""
     if schedule == "none":

@@ -120,7 +120,7 @@ def _data_record(config: RecursiveConfig, stream: torch.Tensor, width: int, size
                 **sizes, "ppl_len": tasks.PPL_LEN, "chunk_batch": tasks.CHUNK_BATCH, "gen_batch": tasks.GEN_BATCH,
                 "prefix_range": list(tasks.PREFIX_RANGE), "chunk_width": width,
                 "corruption_rate": tasks.RESTORE_RATE, "corruption_mask": tasks.RESTORE_MASK,
-                "restore_edit_rule": refinement.RESTORE_EDIT_RULE,
+                "restore_chunks": "model-sampled at the corrupted positions, exact edit rule",
                 "arithmetic_digits": config.arithmetic_digits}
     return {**info, "eval_set": eval_set, "eval_set_sha256": sha256_json(eval_set), "test_tokens": int(stream.numel()),
             "test_stream_sha256": hashlib.sha256(stream.numpy().tobytes()).hexdigest()}

@@ -1,9 +1,9 @@
 """ChunkRefineWrapper: Kimi-Linear plus the recursive sidecar (refine cells, boundary head, latent token).
 
 The base model is `wrapper.base`, untouched; the sidecar lives outside it (`refine_cells`, `boundary`,
-`latent_token`; all None with `recursive_enabled=False`, when the wrapper is a pure pass-through), created in the
-base's dtype and on the device of the part it attaches to (each refine cell beside its decoder layer), so a
-float32 sidecar can never meet a bfloat16 base.
+`latent_token`; all None with `recursive_enabled=False`, when the wrapper is a pure pass-through), created in
+float32 (it is what trains; see build_sidecar) on the device of the part it attaches to (each refine cell beside
+its decoder layer). Each delta is cast to its layer's dtype, and the cells and heads cast what they read to float32.
 
 Deltas act INSIDE the forward pass: a forward hook on every decoder layer in `layers_to_refine`
 (`register_forward_hook(prepend=True)`, outside transformers' gradient-checkpointing wrapper) adds the layer's
@@ -30,10 +30,11 @@ For t = 1..K:
 3. logits aligned so that entry j predicts chunk position j: entry 0 = prev_logits, entries 1..W-1 = the chunk's
    logits at positions 0..W-2 (kept in float32);
 4. boundary head on the summary (the [Z] position's final hidden state, or the last valid chunk position's) ->
-   commit logit and length logits. With a commit threshold, the loop stops at the first step whose p_commit
+   commit logit. With a commit threshold, the loop stops at the first step whose p_commit
    reaches threshold_t in every row that has an editable position; threshold_t falls linearly from
    commit_threshold at t = 1 to min(min_commit_threshold, commit_threshold) at t = K. A stopping step commits
-   the tokens it was run on (its logits have already checked them) and edits nothing;
+   the tokens it was run on (its logits have already checked them) and edits nothing, except that a reused stale
+   token (`unverified`) that step 1 does not predict is replaced by step 1's prediction, also at step 1;
 5. TOKEN EDIT RULE: new_tok = where(editable & (argmax(logits_t) != argmax(logits_1)), argmax(logits_t), draft).
    Step 1 always runs with zero deltas (every cell state starts at None), so logits_1 are the unrefined model's
    own predictions through this same chunked path, and a token changes only where refinement changed the
@@ -43,12 +44,8 @@ For t = 1..K:
    delta) sidecar edits nothing, in any dtype, which makes greedy generation token-identical to the baseline;
 6. the refine cells update their states from this step's hidden states (not after the last step).
 
-generate_chunks mirrors HF greedy decoding exactly: prefill once; per chunk, snapshot the cache, SEED the chunk by
-decoding min(W, remaining) tokens one at a time exactly as `generate` does (same forward arguments, attention mask
-growth, position ids, pad fed for finished rows, all-ones mask dropped), refine from the snapshot, then commit.
-If the committed tokens and length equal the seeded ones, the seeded cache is adopted (bitwise what the baseline
-holds); otherwise the snapshot is restored and advanced by the committed tokens with deltas off. Either way no
-refinement state ([Z], deltas) ever enters the committed cache.
+Generation (chunks, commits, the stale-suffix check) lives in rkl.model.generate; the commit rule in
+rkl.model.commit.
 """
 
 from __future__ import annotations
