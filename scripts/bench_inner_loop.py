@@ -8,6 +8,8 @@
 2. Cache snapshot + restore vs copy.deepcopy of the cache at the long prefix.
 3. TPOT of generate_chunks at init (K = --k, W = --width) over base.generate TPOT on the same prompt, and the floor
    1 + K * t_chunk / (W * t_decode) from t_chunk (one inner step at the prompt's length) and t_decode (base TPOT).
+4. Per-inner-step time of each refine cell type (pooled, per_token, chunk_attention) at the short prefix, side by
+   side: what chunk_attention's O(W^2) attention over the chunk costs.
 
     python scripts/bench_inner_loop.py --device cpu --dtype float32 --preset tiny
 """
@@ -169,6 +171,18 @@ def main() -> None:
                  f"generate_chunks: {t_chunks * 1e3:.1f} ms", f"ratio {ratio:.2f}"))
     rows.append(("floor 1 + K*t_chunk/(W*t_decode)", f"t_chunk {t_chunk * 1e3:.1f} ms", f"t_decode {t_base * 1e3:.1f} ms",
                  f"floor {floor:.2f} (ratio/floor {ratio / floor:.2f})"))
+
+    # --- 4. inner step per refine cell type
+    prefix, snap_s, prev_s = setups[args.short_prefix]
+    cells = ("pooled", "per_token", "chunk_attention")
+    # (the hooks of the other wrappers on the same base return at once: only a running pass acts)
+    wrappers = [ChunkRefineWrapper(base, cfg.replace(refine_cell_type=c)).to(args.device) for c in cells]
+    fns = [lambda wc=wc: wc.refine_chunk(chunk, snap_s, prev_s, editable, max_inner_steps=args.k) for wc in wrappers]
+    with torch.no_grad():
+        per_cell = [t / args.k for t in timed_together(fns, args.device, args.repeats)]
+    rows.append((f"inner step by cell (prefix {args.short_prefix})",
+                 *(f"{c}: {t * 1e3:.2f} ms" for c, t in zip(cells, per_cell))))
+    rows.append(("  relative to pooled", *(f"{c}: {t / per_cell[0]:.2f}x" for c, t in zip(cells, per_cell))))
 
     if args.check_exact:
         exact = check_exact(base, args.device)

@@ -63,6 +63,9 @@ def test_after_surgery_equals_baseline_exactly(env):
     assert m["avg_inner_steps"] == surg["config"]["max_inner_steps"] and m["commit_rate"] == 0.0
     assert surg["committed_lengths"] and all(1 <= b <= 8 for b in surg["committed_lengths"])
     assert m["mean_committed"] >= 1 and m["tpot_ms"] > 0 and m["tpot_uplift"] > 0
+    # continuation: nothing changes at neutral init, so every chunk commits whole (8 positions, 32 new tokens)
+    assert m["cont_greedy_agree_plain"] == 1.0 and m["cont_committed_fraction"] == 1.0 and m["cont_mean_committed"] == 8
+    assert surg["counts"]["cont_prompts"] == LIMIT
     for key in ("perplexity", "restore_acc_1", "restore_acc_k", "draft_acc", "arith_exact"):
         assert key in surg["stderr"], key
 

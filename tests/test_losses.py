@@ -125,31 +125,44 @@ DRAFT = [[0, 1, 2], [1, 1, 2]]    # the chunk as built: row 0 right, row 1 wrong
 AFTER1 = [[0, 1, 2], [1, 0, 0]]   # after step 1: row 1 changed positions 1 (right) and 2 (wrong)
 
 
+FINAL = [[0, 1, 2], [1, 0, 0]]    # after step 2 (the last): what running all steps commits is cut from this
+
+
 def inputs() -> list[torch.Tensor]:
     return [t(DRAFT), t(AFTER1)]
 
 
+def final() -> torch.Tensor:
+    return t(FINAL)
+
+
 def test_halt_targets_judge_what_a_stop_would_commit():
-    # Stop at step 1: commits the draft whole (nothing changed yet): row 0 right, row 1 wrong at 1.
-    # Stop at step 2: commits step 1's tokens up to and including the first change: row 1 commits [1, 0] (right);
-    # its wrong position 2 lies after the first change and is not committed.
+    # Stop at step 1: commits the draft whole (nothing changed yet): row 0 right, row 1 wrong at 1 and not what
+    # the end commits. Stop at step 2: commits step 1's tokens up to and including the first change: row 1 commits
+    # [1, 0] (right); its wrong position 2 lies after the first change and is not committed.
     valid = torch.ones(2, 3, dtype=torch.bool)
     y = [[1.0, 1.0], [0.0, 1.0]]
-    assert_close(halt_targets(inputs(), targets(), valid), t(y))
+    assert_close(halt_targets(inputs(), final(), targets(), valid), t(y))
     expected = sum(bce(COMMIT[k][b], y[b][k]) for b in range(2) for k in range(2)) / 4
-    assert_close(halt_loss(commits(), inputs(), targets(), valid), scalar(expected))
+    assert_close(halt_loss(commits(), inputs(), final(), targets(), valid), scalar(expected))
+
+
+def test_halt_targets_stopping_early_loses_nothing_when_refinement_changes_nothing():
+    wrong = t([[5, 5, 5]])
+    y = halt_targets([wrong, wrong], wrong, t([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool))
+    assert y.tolist() == [[1.0, 1.0]]  # wrong, but running on would commit the same tokens
 
 
 def test_halt_targets_stop_at_the_row_end():
     valid = t([[True, True, True], [True, False, False]])  # row 1 ends after position 0 (its EOS)
-    assert_close(halt_targets(inputs(), targets(), valid), t([[1.0, 1.0], [1.0, 1.0]]))
+    assert_close(halt_targets(inputs(), final(), targets(), valid), t([[1.0, 1.0], [1.0, 1.0]]))
     valid[0] = False  # a row without valid positions: vacuously right
-    assert halt_targets(inputs(), targets(), valid)[0].tolist() == [1.0, 1.0]
+    assert halt_targets(inputs(), final(), targets(), valid)[0].tolist() == [1.0, 1.0]
 
 
 def test_halt_targets_carry_no_gradient():
     c = commits(requires_grad=True)
-    halt_loss(c, inputs(), targets(), torch.ones(2, 3, dtype=torch.bool)).backward()
+    halt_loss(c, inputs(), final(), targets(), torch.ones(2, 3, dtype=torch.bool)).backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in c)
 
 
@@ -238,7 +251,7 @@ def test_every_loss_is_finite_with_an_all_false_mask():
     outs = {
         "final": final_ce(z, targets(), em),
         "masked": masked_ce(z, targets(), em),
-        "halt": halt_loss(c, inputs(), targets(), em),
+        "halt": halt_loss(c, inputs(), final(), targets(), em),
         "ponder": ponder_loss(c),
         "keep": keep_loss(z, em),
     }
@@ -260,11 +273,15 @@ def test_every_loss_is_finite_with_an_all_false_mask():
 def test_refinement_losses_keys_and_positions():
     z, c = steps(), commits()
     valid = t([[True, True, False], [True, True, True]])
-    terms = refinement_losses(z, c, inputs(), targets(), mask(), valid)
+    terms = refinement_losses(z, c, inputs(), final(), targets(), mask(), valid)
     assert tuple(terms) == LOSS_NAMES
     assert_close(terms["final"], final_ce(z, targets(), mask()))
-    assert_close(terms["keep"], keep_loss(z, valid & ~mask()))  # keep: valid, not a loss position
-    assert_close(terms["halt"], halt_loss(c, inputs(), targets(), valid))
+    # keep: valid positions holding the true token: not a loss position, or a loss position whose token is right
+    # (row 0 position 0: the draft's 0 is its target)
+    keep = valid & (~mask() | (inputs()[0] == targets()))
+    assert keep[0, 0] and not keep[1, 1]
+    assert_close(terms["keep"], keep_loss(z, keep))
+    assert_close(terms["halt"], halt_loss(c, inputs(), final(), targets(), valid))
     assert all(torch.isfinite(v) for v in terms.values())
 
 
@@ -291,7 +308,7 @@ def test_end_to_end_bf16_batch_backpropagates():
     valid[2, 3:] = False
     lm &= valid
     tokens = [torch.where(lm, x.argmax(-1), tg) for x in z]
-    terms = refinement_losses(z, c, tokens, tg, lm, valid)
+    terms = refinement_losses(z, c, tokens, tokens[-1], tg, lm, valid)
     total = total_loss(terms, RecursiveConfig())
     assert total.dtype == torch.float32 and torch.isfinite(total)
     total.backward()

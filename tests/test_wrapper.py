@@ -383,3 +383,13 @@ def test_what_an_early_position_can_read(bases, cell_type, reads_later):
     torch.testing.assert_close(a.logits[0][:, :2], b.logits[0][:, :2], rtol=0, atol=1e-6)
     moved = (a.logits[1][:, 2] - b.logits[1][:, 2]).abs().max()  # entry 2 = the logits at chunk position 1
     assert (moved > 1e-4) == reads_later, float(moved)
+
+
+def test_sidecar_saved_with_the_old_length_head_still_loads(bases):
+    w = wrap(bases["float32"])
+    state = {**w.sidecar_state_dict(), "boundary.length.weight": torch.zeros(32, 64),
+             "boundary.length.bias": torch.zeros(32)}
+    w.load_sidecar_state_dict(state)
+    w.remove_hooks()
+    with pytest.raises(UserError, match="unexpected"):
+        w.load_sidecar_state_dict({**state, "boundary.other": torch.zeros(1)})

@@ -59,7 +59,7 @@ class RecursiveConfig:
     lambda_masked: float = _f(0.5, "Weight of the deep-supervision CE averaged over inner steps.", lo=0.0)
     lambda_halt: float = _f(0.1, "Weight of the halting BCE (target: the tokens a stop at step t would commit are right).", lo=0.0)
     lambda_ponder: float = _f(0.01, "Weight of the ponder cost (expected inner steps).", lo=0.0)
-    lambda_keep: float = _f(0.1, "Weight of the keep KL: steps 2..K vs step 1's prediction at valid positions that were not corrupted (target-free: damaging a right token costs).", lo=0.0)
+    lambda_keep: float = _f(1.0, "Weight of the keep KL: steps 2..K vs step 1's prediction at valid positions that hold the true token (not corrupted, or the model's own token is right there): damaging a right token costs.", lo=0.0)
     # --- training chunks: drafts, model-sampled corruption, splices ------------------------------------
     draft_share: float = _f(0.5, "Fraction of training chunks that are the model's own greedy draft from the prefix (every valid position is a loss position).", lo=0.0, hi=1.0)
     draft_share_final: float = _f(0.5, "Draft fraction at the end of training (with draft_schedule).", lo=0.0, hi=1.0)

@@ -30,12 +30,13 @@ BASELINE, SURGERY, VANILLA = "baseline", "after_surgery", "finetuned_vanilla"
 STAGE_ORDER = (BASELINE, SURGERY, VANILLA, "phase_a", "phase_b", "phase_c")
 KEY_METRICS = ("perplexity", "token_accuracy", "restore_acc_k", "restore_acc_1", "draft_acc", "arith_exact",
                "draft_acc_refined", "avg_inner_steps", "commit_rate", "stability_at_k", "mean_committed", "tpot_ms",
-               "tpot_uplift")
+               "tpot_uplift", "cont_mean_committed", "cont_tpot_uplift", "cont_greedy_agree_plain")
 DELTA_METRICS = ("perplexity", "arith_exact", "restore_acc_k")
 # metrics that neutral initialisation must reproduce bit for bit (mean_nll too, when both stages report it)
 MUST_MATCH = ("perplexity", "token_accuracy")
 MISSING = "—"
 FORMATS = {"perplexity": "{:.4f}", "avg_inner_steps": "{:.2f}", "mean_committed": "{:.2f}", "tpot_ms": "{:.2f}",
+           "cont_mean_committed": "{:.2f}", "cont_tpot_uplift": "{:.2f}×", "cont_greedy_agree_plain": "{:.2f}",
            "tpot_uplift": "{:.2f}×"}
 
 

@@ -32,7 +32,8 @@ STAGE_COLOR = "#1f77b4"
 PERCENT = {"token_accuracy", "restore_acc_k", "restore_acc_1", "draft_acc", "draft_acc_refined", "arith_exact",
            "commit_rate", "stability_at_k"}
 UNITS = {"perplexity": "perplexity (lower is better)", "avg_inner_steps": "steps", "mean_committed": "tokens",
-         "tpot_ms": "ms per token", "tpot_uplift": "× plain TPOT"}
+         "tpot_ms": "ms per token", "tpot_uplift": "× plain TPOT", "cont_mean_committed": "tokens",
+         "cont_tpot_uplift": "× plain TPOT"}
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -42,8 +42,9 @@ from rkl.runmeta import git_commit, peak_memory_mib
 
 FULL_HASH_LIMIT = 1 << 30  # folders above 1 GiB get the cheap fingerprint (configs + file names and sizes)
 # metrics that measure the machine, not the model: excluded when two evaluations are checked for equality
-TIMING_METRICS = frozenset({"tpot_ms", "tpot_ms_plain", "tpot_uplift", "tokens_per_s", "tokens_per_s_plain",
-                            "peak_memory_mb"})
+TIMING_METRICS = frozenset({f"{p}{m}" for p in ("", "cont_") for m in ("tpot_ms", "tpot_ms_plain", "tpot_uplift",
+                                                                      "tokens_per_s", "tokens_per_s_plain")}
+                           | {"peak_memory_mb"})
 SMALL_MODEL_PARAMS = 100_000_000  # below this, CPU evaluation runs single-threaded (see cpu_threads)
 
 
@@ -222,6 +223,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
                                                                         width, sizes["chunks"], tick)),
         "arithmetic": (len(problems), lambda tick: generation.arithmetic(wrapper, tokenizer, problems,
                                                                     config.arithmetic_digits, sizes["tpot"], tick)),
+        "continuation": (sizes["cont"], lambda tick: generation.continuation(wrapper, stream, sizes["cont"], tick)),
     }
     with progress, torch.no_grad(), cpu_threads(wrapper):
         threads = torch.get_num_threads()

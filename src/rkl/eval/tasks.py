@@ -38,8 +38,8 @@ GEN_BATCH = 25
 # `rkl eval` of the tiny preset under a minute on 2 cores. On a GPU the sets are larger. Both are recorded in
 # the result (data.eval_set and counts); compare warns when two stages were scored on different counts.
 SIZES = {
-    "cpu": {"windows": 16, "chunks": 32, "arith": 100, "tpot": 50},
-    "cuda": {"windows": 64, "chunks": 256, "arith": 500, "tpot": 100},
+    "cpu": {"windows": 16, "chunks": 32, "arith": 100, "tpot": 50, "cont": 50},
+    "cuda": {"windows": 64, "chunks": 256, "arith": 500, "tpot": 100, "cont": 100},
 }
 
 Tick = Callable[[int], None]

@@ -239,6 +239,8 @@ class ChunkRefineWrapper(nn.Module):
 
     def load_sidecar_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load sidecar weights (cast to each module's dtype/device); UserError on missing or unexpected keys."""
+        # sidecars saved before the length head was removed carry its weights: nothing reads them any more
+        state = {k: v for k, v in state.items() if not k.startswith("boundary.length.")}
         own = self.sidecar_state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rkl.model.commit import commit_lengths  # the one definition of the commit rule
+
 LOSS_NAMES: tuple[str, ...] = ("final", "masked", "halt", "ponder", "keep")
 """The keys of `refinement_losses` and the suffixes of the config's ``lambda_*`` fields, in order."""
 
@@ -87,29 +89,37 @@ def masked_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor)
 # --- 3: halting BCE ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def halt_targets(step_inputs: Sequence[Tensor], targets: Tensor, valid: Tensor) -> Tensor:
-    """y [B, K] float: y[b, t] = 1.0 iff every token a stop at step t would commit in row b is right.
+def halt_targets(step_inputs: Sequence[Tensor], final_tokens: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """y [B, K] float: y[b, t] = 1.0 iff stopping at step t loses nothing in row b: the tokens a stop there would
+    commit are all right, or they are exactly what running all K steps commits.
 
     A step that stops commits the tokens it was run on, ``step_inputs[t]`` (the chunk for t = 1, else step t-1's
     output), cut by the commit rule (`rkl.model.commit.commit_lengths`: up to and including the first token that
-    differs from the chunk as it came in, ``step_inputs[0]``). Vacuously 1.0 for a row without valid positions.
-    No gradient.
+    differs from the chunk as it came in, ``step_inputs[0]``); running all K steps commits ``final_tokens`` cut the
+    same way. So the head learns to stop once refinement will not change the commit any more (cheap chunks), and
+    to go on while it still will, unless what it has is already right. Vacuously 1.0 for a row without valid
+    positions. No gradient.
     """
-    from rkl.model.commit import commit_lengths  # the one definition of the commit rule
-
     draft = step_inputs[0]
-    idx = torch.arange(draft.shape[1], device=draft.device)
+    idx = torch.arange(draft.shape[1], device=draft.device).unsqueeze(0)
+
+    def committed(tokens: Tensor) -> tuple[Tensor, Tensor]:
+        n = commit_lengths(tokens, draft, valid)
+        return n, idx < n.unsqueeze(1)
+
+    n_end, in_end = committed(final_tokens)
     ys = []
     for tokens in step_inputs:
-        n = commit_lengths(tokens, draft, valid)
-        committed = idx.unsqueeze(0) < n.unsqueeze(1)
-        ys.append(((tokens == targets) | ~committed).all(dim=-1))
+        n, inside = committed(tokens)
+        right = ((tokens == targets) | ~inside).all(dim=-1)
+        same = (n == n_end) & ((tokens == final_tokens) | ~inside).all(dim=-1)
+        ys.append(right | same)
     return torch.stack(ys, dim=1).float()
 
 
-def halt_loss(commit_logits: Sequence[Tensor], step_inputs: Sequence[Tensor], targets: Tensor,
-              valid: Tensor) -> Tensor:
-    """Halting BCE: teach the commit head "would stopping now commit only right tokens?".
+def halt_loss(commit_logits: Sequence[Tensor], step_inputs: Sequence[Tensor], final_tokens: Tensor,
+              targets: Tensor, valid: Tensor) -> Tensor:
+    """Halting BCE: teach the commit head "would stopping now lose nothing?".
 
     halt = (1/(B*K)) sum_{b,t} BCEwithLogits(c[b,t], y[b,t]),
     BCEwithLogits(c, y) = -(y * log sigmoid(c) + (1-y) * log(1 - sigmoid(c))) = softplus(c) - y*c,
@@ -119,7 +129,7 @@ def halt_loss(commit_logits: Sequence[Tensor], step_inputs: Sequence[Tensor], ta
     if len(step_inputs) != k:
         raise ValueError(f"commit_logits has {k} steps but step_inputs has {len(step_inputs)}")
     c = torch.stack([x.float() for x in commit_logits], dim=1)          # [B, K]
-    y = halt_targets(step_inputs, targets, valid).to(c.device)
+    y = halt_targets(step_inputs, final_tokens, targets, valid).to(c.device)
     return F.binary_cross_entropy_with_logits(c, y, reduction="mean")
 
 
@@ -160,8 +170,8 @@ def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor) -> Tensor:
 
     keep = (1/(K-1)) sum_{t=2..K} [ sum_{b,j: keep_mask} KL(sg(P_1) || P_t)[b,j] / max(#keep_mask, 1) ],
     KL(p || q) = sum_v p_v (log p_v - log q_v), P_t = softmax(step_logits[t]), sg = stop-gradient.
-    Keep positions are valid positions that were NOT corrupted: their token came from the data, so a refinement
-    that moves the prediction there away from the unrefined one (step 1) pays, without reading any target.
+    Keep positions (chosen by the caller) hold the true token: a refinement that moves the prediction there away
+    from the unrefined one (step 1) pays. The term reads no target itself.
     K == 1 gives 0, still connected to ``step_logits[0]``'s graph.
     """
     k = _check_steps("step_logits", step_logits)
@@ -179,12 +189,13 @@ def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor) -> Tensor:
 # --- all five, and the weighted total -------------------------------------------------------------------
 
 def refinement_losses(step_logits: Sequence[Tensor], commit_logits: Sequence[Tensor],
-                      step_inputs: Sequence[Tensor], targets: Tensor, loss_mask: Tensor, valid: Tensor
-                      ) -> dict[str, Tensor]:
+                      step_inputs: Sequence[Tensor], final_tokens: Tensor, targets: Tensor, loss_mask: Tensor,
+                      valid: Tensor) -> dict[str, Tensor]:
     """All five refinement losses, keyed by `LOSS_NAMES` (final, masked, halt, ponder, keep).
 
-    ``step_inputs[t]``: the chunk step t + 1 read (``step_inputs[0]`` is the chunk as built). Keep positions are
-    ``valid & ~loss_mask``.
+    ``step_inputs[t]``: the chunk step t + 1 read (``step_inputs[0]`` is the chunk as built); ``final_tokens``: the
+    tokens after step K. Keep positions: valid positions that hold the true token, either because they were not
+    corrupted or because the model's own token there is right: a refinement that damages a right token pays.
     """
     k = _check_steps("step_logits", step_logits)
     if len(commit_logits) != k:
@@ -192,9 +203,9 @@ def refinement_losses(step_logits: Sequence[Tensor], commit_logits: Sequence[Ten
     return {
         "final": final_ce(step_logits, targets, loss_mask),
         "masked": masked_ce(step_logits, targets, loss_mask),
-        "halt": halt_loss(commit_logits, step_inputs, targets, valid),
+        "halt": halt_loss(commit_logits, step_inputs, final_tokens, targets, valid),
         "ponder": ponder_loss(commit_logits),
-        "keep": keep_loss(step_logits, valid & ~loss_mask),
+        "keep": keep_loss(step_logits, valid & (~loss_mask | (step_inputs[0] == targets))),
     }
 
 

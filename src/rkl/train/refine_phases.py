@@ -117,7 +117,8 @@ class RefineTask:
             chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=valid,
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
-        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, targets, loss_mask, valid)
+        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
+                                  loss_mask, valid)
         n = loss_mask.sum().clamp(min=1)
         right = lambda logits: float(((logits.argmax(-1) == targets) & loss_mask).sum() / n)  # noqa: E731
         stats = {"acc_k": right(result.logits[-1]), "acc_1": right(result.logits[0]),
