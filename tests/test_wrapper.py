@@ -393,3 +393,25 @@ def test_sidecar_saved_with_the_old_length_head_still_loads(bases):
     w.remove_hooks()
     with pytest.raises(UserError, match="unexpected"):
         w.load_sidecar_state_dict({**state, "boundary.other": torch.zeros(1)})
+
+
+def test_edit_margin_keeps_only_confident_edits(bases):
+    """With a trained-looking sidecar some tokens change; a margin keeps exactly the edits whose log-probability
+    gain over the chunk's token exceeds it, and an infinite-looking margin keeps none."""
+    changed = {}
+    for margin in (0.0, 0.5, 1e6):
+        w = wrap(bases["float32"], max_inner_steps=2, refine_cell_type="chunk_attention", edit_margin=margin)
+        randomize_outputs(w, std=0.5)
+        *_, snap, prev, chunk, full_mask, editable = chunk_setup(w, width=8)
+        with torch.no_grad():
+            res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+        w.remove_hooks()
+        changed[margin] = res.tokens[-1] != res.tokens[0]
+        if margin == 0.5:
+            logp = torch.log_softmax(res.logits[-1], -1)
+            new, old = res.logits[-1].argmax(-1), res.tokens[0]
+            moved = new != res.logits[0].argmax(-1)
+            gain = logp.gather(-1, new[..., None]).squeeze(-1) - logp.gather(-1, old[..., None]).squeeze(-1)
+            assert torch.equal(changed[margin], moved & (gain > 0.5))
+    assert changed[0.0].any() and not changed[1e6].any()
+    assert (changed[0.5] <= changed[0.0]).all() and changed[0.5].sum() < changed[0.0].sum()

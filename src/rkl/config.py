@@ -52,7 +52,8 @@ class RecursiveConfig:
     d_state: int = _f(64, "Size of each refine cell's recurrent (GRU) state.", lo=1)
     gate_hidden: int = _f(64, "Hidden width of the refine cell's input MLP (and attention) and of the boundary head.", lo=1)
     cache_reset_policy: str = _f("keep_kda_recurrent_reset_mla", "How each inner step starts: from the chunk-start snapshot (default), re-running prefix+chunk (reset_all, slow reference), or continuing the live cache (keep_all).", choices=CACHE_POLICIES)
-    reuse_stale_suffix: bool = _f(True, "Generation: after a commit that stops at a changed token, start the next chunk from the rest of the old draft instead of re-decoding it; each reused token is committed only if the next chunk's unrefined pass predicts it (else it counts as changed).")
+    edit_margin: float = _f(0.0, "A refinement step changes a token only where it prefers its new argmax over the chunk's token by more than this many nats (log-probability); 0 = wherever the argmax moved away from step 1's. Each edit ends its row's commit, so a margin trades edits for committed length. Training and generation alike.", lo=0.0)
+    reuse_stale_suffix: bool = _f(False, "Generation: after a commit that stops at a changed token, start the next chunk from the rest of the refined chunk instead of re-decoding it; each reused token is committed only if the next chunk's unrefined pass predicts it (else it counts as changed). Off by default: on the CPU demo the check rejected most reused tokens, so commits got shorter and TPOT higher than re-decoding."
     use_soft_tokens: bool = _f(False, "Feed editable positions the probability-weighted embedding instead of the argmax token.")
     # --- losses ----------------------------------------------------------------------------------------
     lambda_final: float = _f(1.0, "Weight of the final-step CE at loss positions.", lo=0.0)

@@ -35,7 +35,8 @@ For t = 1..K:
    commit_threshold at t = 1 to min(min_commit_threshold, commit_threshold) at t = K. A stopping step commits
    the tokens it was run on (its logits have already checked them) and edits nothing, except that a reused stale
    token (`unverified`) that step 1 does not predict is replaced by step 1's prediction, also at step 1;
-5. TOKEN EDIT RULE: new_tok = where(editable & (argmax(logits_t) != argmax(logits_1)), argmax(logits_t), draft).
+5. TOKEN EDIT RULE: new_tok = where(editable & (argmax(logits_t) != argmax(logits_1)), argmax(logits_t), draft),
+   and with edit_margin > 0 only where log p_t(new) - log p_t(draft token) > edit_margin.
    Step 1 always runs with zero deltas (every cell state starts at None), so logits_1 are the unrefined model's
    own predictions through this same chunked path, and a token changes only where refinement changed the
    argmax. Comparing against the draft instead would be wrong in bf16: the draft was decoded token by token on
@@ -423,6 +424,12 @@ class ChunkRefineWrapper(nn.Module):
                     break
             if edit_rule == "vs_first_step":
                 change = editable & (argmax != first_argmax)
+                if cfg.edit_margin > 0 and bool(change.any()):
+                    # an edit costs the rest of the chunk (the commit stops at it): make it only where this step
+                    # prefers the new token over the chunk's by more than edit_margin nats
+                    logp = torch.log_softmax(aligned.float(), dim=-1).to(dev)
+                    gain = logp.gather(-1, argmax[..., None]) - logp.gather(-1, draft[..., None])
+                    change = change & (gain.squeeze(-1) > cfg.edit_margin)
             else:
                 change = editable
             tokens = torch.where(change, argmax, draft)
