@@ -108,19 +108,16 @@ def test_random_mask_rate_is_respected():
 # --- corrupt --------------------------------------------------------------------------------------------
 def test_chunk_modes_kinds_and_structure():
     g = torch.Generator().manual_seed(0)
-    valid = torch.ones(400, 8, dtype=torch.bool)
-    valid[:50, 5:] = False  # rows whose chunk ends at an EOS in position 4
-    modes, kind = chunk_modes(valid, 0.5, 0.5, 0.3, "random", g)
+    modes, kind = chunk_modes(400, 8, 0.5, 0.5, 0.3, "random", g)
     share = torch.bincount(kind, minlength=3).float() / 400
     assert abs(share[0] - 0.5) < 0.08 and abs(share[1] - 0.25) < 0.08 and abs(share[2] - 0.25) < 0.08
-    assert (modes[~valid] == TRUE).all()
     drafts, splices, sampled = modes[kind == 0], modes[kind == 1], modes[kind == 2]
-    assert (drafts[valid[kind == 0]] == GREEDY).all()
-    for row, v in zip(splices, valid[kind == 1]):  # a true prefix of length >= 1, then greedy to the row's end
-        n, cut = int(v.sum()), int((row == TRUE).long().cumprod(0).sum())
-        assert 1 <= cut < max(n, 2) and (row[cut:n] == GREEDY).all()
+    assert (drafts == GREEDY).all()
+    for row in splices:  # a true prefix of length 1..W-1, then greedy to the end
+        cut = int((row == TRUE).long().cumprod(0).sum())
+        assert 1 <= cut < 8 and (row[cut:] == GREEDY).all()
     assert set(sampled.unique().tolist()) <= {TRUE, SAMPLE} and ((sampled == SAMPLE).sum(1) >= 1).all()
-    again = chunk_modes(valid, 0.5, 0.5, 0.3, "random", torch.Generator().manual_seed(0))
+    again = chunk_modes(400, 8, 0.5, 0.5, 0.3, "random", torch.Generator().manual_seed(0))
     assert torch.equal(again[0], modes) and torch.equal(again[1], kind)
 
 

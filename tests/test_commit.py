@@ -24,7 +24,20 @@ def test_commit_lengths_rule():
     committable = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]).bool()
     # first change at 2 -> 3 tokens; nothing changed -> all; a change after the row's end does not count; an
     # edited EOS (9 at position 2, padding after it) commits through the edit and never the padding
-    assert commit_lengths(tokens, draft, committable).tolist() == [3, 5, 3, 3]
+    assert commit_lengths(tokens != draft, committable).tolist() == [3, 5, 3, 3]
+
+
+def test_a_token_changed_and_changed_back_still_ends_the_commit():
+    """Step 2 changes position 1, step 3 puts the draft token back and changes position 2 (decided with the other
+    token at 1): the commit must stop at 1, not run on to commit position 2's edit after the old token."""
+    from rkl.model.wrapper import RefineResult
+
+    draft = torch.tensor([[10, 11, 12, 13]])
+    res = RefineResult(draft=draft, tokens=[draft.clone(), torch.tensor([[10, 21, 12, 13]]),
+                                            torch.tensor([[10, 11, 22, 13]])], steps_used=3)
+    assert res.changed.tolist() == [[False, True, True, False]]
+    assert commit_lengths(res.changed, torch.ones_like(draft, dtype=torch.bool)).tolist() == [2]
+    assert commit_lengths(res.tokens[-1] != draft, torch.ones_like(draft, dtype=torch.bool)).tolist() == [3]
 
 
 def prompt() -> tuple[torch.Tensor, torch.Tensor]:

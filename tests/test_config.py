@@ -103,4 +103,5 @@ def test_configs_written_before_the_commit_rule_still_load():
            "lambda_stability": 0.02, "scheduled_sampling": "linear", "scheduled_sampling_final": 0.5}
     cfg = RecursiveConfig.from_dict(old)
     assert (cfg.lambda_keep, cfg.draft_schedule, cfg.draft_share_final) == (0.02, "linear", 0.5)
+    assert cfg.draft_share == 0.0  # scheduled sampling started at probability 0
     assert "max_chunk_len" not in cfg.to_dict()

@@ -111,16 +111,18 @@ def test_phase_a_resume_matches_uninterrupted(stages):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def other_targets(targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The targets with every loss position moved to another (non-special) token."""
-    return torch.where(loss_mask, (targets + 7) % 200 + 3, targets)
+def other_targets(targets: torch.Tensor, loss_mask: torch.Tensor, eos: int) -> torch.Tensor:
+    """The targets with every loss position moved to another token: EOS where it was not, a plain token where it
+    was (so the chunk's valid span moves too)."""
+    moved = torch.where(targets == eos, (targets + 7) % 200 + 3, torch.full_like(targets, eos))
+    return torch.where(loss_mask, moved, targets)
 
 
 def test_leakage_rule_chunks_do_not_depend_on_loss_targets(stages):
     """Drafts, splices and model-sampled corruption: two batches that differ only in the targets at loss positions
     give the identical chunk, and so identical logits at every step. The negative control (a builder that puts the
     target into the chunk, 'draft := target') is caught by the same comparison."""
-    from rkl.data.chunks import TRUE, chunk_modes
+    from rkl.data.chunks import TRUE, chunk_modes, valid_until_eos
     from rkl.model.drafts import build_chunk
     from rkl.train.refine_phases import RefineTask
 
@@ -128,13 +130,18 @@ def test_leakage_rule_chunks_do_not_depend_on_loss_targets(stages):
     wrapper, tokenizer, _ = load_model_with_config(stages / "after_surgery", config=config)
     for p in wrapper.sidecar_parameters():  # a trained-looking sidecar that reads the whole chunk
         torch.nn.init.normal_(p, std=0.2)
+    eos = tokenizer.eos_token_id
     stream = torch.arange(3, 300) % 200 + 3
+    stream[::5] = eos  # short documents: chunks hold EOS tokens, some of them at loss positions
     task = RefineTask(wrapper, tokenizer, config, stream, stream, torch.device("cpu"), "a", {})
-    batch = chunk_batch(stream, 0, 8, 4, 8, 8, 0, tokenizer.eos_token_id)
-    modes, kind = chunk_modes(batch.chunk_valid, 0.4, 0.5, 0.5, "random", step_generator(0, 0, "m"))
+    batch = chunk_batch(stream, 0, 8, 4, 8, 8, 0, eos)
+    modes, kind = chunk_modes(8, 4, 0.4, 0.5, 0.5, "random", step_generator(0, 0, "m"))
     assert set(kind.tolist()) == {0, 1, 2}  # drafts, splices and sampled rows in one batch
-    loss_mask = batch.chunk_valid & (modes != TRUE)
-    swapped = type(batch)(batch.prefix_ids, other_targets(batch.chunk_ids, loss_mask), batch.chunk_valid)
+    loss_mask = modes != TRUE  # every position the model fills (valid or not): none may depend on its target
+    assert (loss_mask & (batch.chunk_ids == eos)).any()
+    swapped_ids = other_targets(batch.chunk_ids, loss_mask, eos)
+    swapped = type(batch)(batch.prefix_ids, swapped_ids, valid_until_eos(swapped_ids, eos))
+    assert not torch.equal(swapped.chunk_valid, batch.chunk_valid)  # the EOS moved
     snap, prev = wrapper.prepare_prefix(batch.prefix_ids)
     chunks = [build_chunk(wrapper, snap, prev, b.chunk_ids, modes, step_generator(0, 0, "s"))
               for b in (batch, swapped)]
@@ -145,6 +152,9 @@ def test_leakage_rule_chunks_do_not_depend_on_loss_targets(stages):
     assert runs[0][0]["final"] != runs[1][0]["final"]  # the targets do reach the loss
     leaky = [torch.where(loss_mask, b.chunk_ids, c) for b, c in zip((batch, swapped), chunks)]
     assert not torch.equal(leaky[0], leaky[1])
+    # the negative control of the EOS leak: modes that stop at the chunk's true EOS differ between the two batches
+    stop_at_eos = [torch.where(b.chunk_valid, modes, TRUE) for b in (batch, swapped)]
+    assert not torch.equal(stop_at_eos[0], stop_at_eos[1])
 
 
 def test_phase_a_learns_to_beat_one_pass_on_drafts(stages):

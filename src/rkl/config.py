@@ -213,12 +213,17 @@ REMOVED_KEYS = ("max_chunk_len", "enable_length_head", "lambda_len")
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Drop comment keys ("_..."; JSON has no comments), rename old keys, drop keys of removed features."""
+    """Drop comment keys ("_..."; JSON has no comments), rename old keys, drop keys of removed features.
+
+    An old scheduled-sampling config drew drafts with a probability rising from 0, so it migrates with
+    draft_share 0 (the new default, 0.5, would change what it trains on)."""
     out = {}
     for k, v in data.items():
         if k.startswith("_") or k in REMOVED_KEYS:
             continue
         out[RENAMED_KEYS.get(k, k)] = v
+    if any(k in data for k in ("scheduled_sampling", "scheduled_sampling_final")):
+        out.setdefault("draft_share", 0.0)
     return out
 
 

@@ -92,29 +92,29 @@ TRUE, GREEDY, SAMPLE = 0, 1, 2
 KINDS = ("draft", "splice", "sample")
 
 
-def chunk_modes(valid: torch.Tensor, draft_share: float, splice_share: float, rate: float, mask_kind: str,
+def chunk_modes(batch_size: int, width: int, draft_share: float, splice_share: float, rate: float, mask_kind: str,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(modes [B, W] long, kind [B] long: an index into KINDS): how each row's training chunk is made.
 
     Each row is, independently, a DRAFT (prob. draft_share: the model's greedy continuation of the prefix at every
-    position), else a SPLICE (prob. splice_share: the true chunk up to a position s uniform in 1..n_valid-1, the
-    model's greedy continuation after it) or SAMPLED corruption (`corruption_mask` positions hold a token sampled
-    from the model's distribution given the chunk so far, the rest the true token). Invalid positions (after the
-    chunk's EOS) hold the true token. Loss positions are the valid non-TRUE ones: each holds a model output that
-    depends only on the prefix and the chunk before it, never on its own target (the leakage rule).
+    position), else a SPLICE (prob. splice_share: the true chunk up to a position s uniform in 1..W-1, the model's
+    greedy continuation after it) or SAMPLED corruption (`corruption_mask` positions hold a token sampled from the
+    model's distribution given the chunk so far, the rest the true token).
+
+    The modes never look at the chunk: not even at where its EOS is. Loss positions are the non-TRUE positions up to
+    the chunk's EOS, so if the modes depended on the EOS, what fills the chunk after a loss position would tell
+    whether that position's target is an EOS (a leak the non-causal refine cells could read).
     """
-    b, w = valid.shape
-    valid = valid.bool()
-    u = torch.rand(b, 2, generator=generator, device=generator.device).to(valid.device)
+    u = torch.rand(batch_size, 2, generator=generator, device=generator.device).cpu()
     kind = torch.where(u[:, 0] < draft_share, 0, torch.where(u[:, 1] < splice_share, 1, 2))
-    n_valid = valid.sum(1)
-    s = torch.rand(b, generator=generator, device=generator.device).to(valid.device)
-    cut = 1 + (s * (n_valid - 1).clamp(min=0).double()).floor().long()  # 1..n_valid-1 (1 when n_valid <= 1)
-    pos = torch.arange(w, device=valid.device).unsqueeze(0)
-    sampled = corruption_mask(valid, rate, mask_kind, generator)
+    s = torch.rand(batch_size, generator=generator, device=generator.device).cpu()
+    cut = 1 + (s * max(width - 1, 0)).floor().long()  # 1..W-1 (1 when W == 1)
+    pos = torch.arange(width).unsqueeze(0)
+    everywhere = torch.ones(batch_size, width, dtype=torch.bool)
+    sampled = corruption_mask(everywhere, rate, mask_kind, generator).cpu()
     greedy = (kind == 0).unsqueeze(1) | ((kind == 1).unsqueeze(1) & (pos >= cut.unsqueeze(1)))
     modes = torch.where(greedy, GREEDY, torch.where(sampled & (kind == 2).unsqueeze(1), SAMPLE, TRUE))
-    return torch.where(valid, modes, TRUE), kind
+    return modes, kind
 
 
 def scheduled_value(start: float, final: float, schedule: str, step: int, total_steps: int) -> float:

@@ -84,7 +84,7 @@ class _SideBySide:
             out.update({f"{prefix}avg_inner_steps": sum(s["inner_steps"] for s in self.stats) / len(self.stats),
                         f"{prefix}commit_rate": sum(s["inner_steps"] < k_steps for s in self.stats) / len(self.stats),
                         f"{prefix}mean_committed": sum(committed) / len(committed),
-                        f"{prefix}committed_fraction": sum(committed) / sum(s["seeded_length"] * s["rows"]
+                        f"{prefix}committed_fraction": sum(committed) / sum(sum(s["open_positions"])
                                                                             for s in self.stats)})
         return out
 
@@ -101,7 +101,8 @@ def arithmetic(wrapper, tokenizer, problems: list[Problem], digits: int, tpot_pr
     sha256_json of every problem's generated ids up to and including EOS. Generation stats over every chunk
     generate_chunks committed: avg_inner_steps; commit_rate = fraction of chunks whose loop the commit head
     ended before step K; mean_committed = new tokens a running row committed per chunk (mean over rows and
-    chunks; committed_lengths keeps every one); committed_fraction = committed / seeded chunk positions.
+    chunks; committed_lengths keeps every one); committed_fraction = committed / chunk positions open to a new
+    token (seeded, not locked).
     TPOT: the batches that start before `tpot_prompts` are generated a second time with base.generate (recursion off) in
     the same run, the two calls alternating which goes first per batch; tpot_ms(_plain) = wall time / generated
     positions (prefill included), tokens_per_s(_plain) = generated tokens up to EOS / wall time over those

@@ -51,7 +51,7 @@ class _Restore:
 
     def add(self, wrapper, chunk, mask, target, valid, snap, prev, config, prefix) -> None:
         if wrapper.enabled:
-            res = wrapper.refine_chunk(chunk, snap, prev, valid, max_inner_steps=config.max_inner_steps,
+            res = wrapper.refine_chunk(chunk, snap, prev, torch.ones_like(valid), max_inner_steps=config.max_inner_steps,
                                        commit_threshold=None, prefix_ids=prefix)
             first, last = res.logits[0], res.logits[-1]
             n = float(mask.sum())
@@ -84,9 +84,9 @@ def chunk_tasks(wrapper, stream: torch.Tensor, config, eos_id: int, width: int, 
     """Restoration and draft quality on the same fixed (prefix, true chunk) pairs; the prefix runs once.
 
     Restoration: a fraction RESTORE_RATE (fixed, the same for every stage) of each chunk's valid positions (random
-    mask, at least one per chunk) holds a token sampled from the base's own distribution given the chunk so far
+    mask over the chunk, at least one per chunk; only those up to the chunk's EOS are scored) holds a token sampled from the base's own distribution given the chunk so far
     (rkl.model.drafts.build_chunk, as training builds its corrupted chunks); the sidecar refines the chunk with
-    every valid position editable, all K steps, under the exact edit rule of generation. restore_ce/acc_1: CE and
+    every position editable, all K steps, under the exact edit rule of generation. restore_ce/acc_1: CE and
     argmax accuracy at the sampled positions from step 1 (zero deltas: the unrefined model through the same chunk
     path); restore_ce/acc_k: from step K, the number a trained sidecar must beat. restore_stability_at_k: fraction
     of sampled positions whose token no inner step changed.
@@ -106,7 +106,7 @@ def chunk_tasks(wrapper, stream: torch.Tensor, config, eos_id: int, width: int, 
         target, valid = batch.chunk_ids.to(dev), batch.chunk_valid.to(dev)
         snap, prev = wrapper.prepare_prefix(batch.prefix_ids.to(dev))
         g = step_generator(EVAL_SEED, i, "eval-corrupt")
-        modes, _ = chunk_modes(batch.chunk_valid, 0.0, 0.0, RESTORE_RATE, RESTORE_MASK, g)
+        modes, _ = chunk_modes(target.shape[0], width, 0.0, 0.0, RESTORE_RATE, RESTORE_MASK, g)
         modes = modes.to(dev)
         chunk = build_chunk(wrapper, snap, prev, target, modes, g)
         prefix = batch.prefix_ids.to(dev)

@@ -21,11 +21,12 @@ def _first(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(flags.any(-1), flags.long().argmax(-1), torch.full_like(flags[:, 0], w, dtype=torch.long))
 
 
-def commit_lengths(tokens: torch.Tensor, draft: torch.Tensor, committable: torch.Tensor) -> torch.Tensor:
+def commit_lengths(changed: torch.Tensor, committable: torch.Tensor) -> torch.Tensor:
     """[B] long: tokens to commit per row.
 
-    tokens [B, W]: the chunk after refinement; draft [B, W]: the chunk as refinement received it; committable
-    [B, W] bool: positions the row may commit (a row's commit ends at its first False).
+    changed [B, W] bool: positions whose token differed from the chunk as refinement received it at ANY inner step
+    (`RefineResult.changed`): a token changed at step 2 and changed back at step 3 still had later steps read the
+    other token, so what follows it is stale; committable [B, W] bool: positions the row may commit (a row's commit
+    ends at its first False).
     """
-    changed = (tokens != draft) & committable
-    return torch.minimum(_first(changed) + 1, _first(~committable))
+    return torch.minimum(_first(changed & committable) + 1, _first(~committable))

@@ -16,7 +16,8 @@ Per chunk, for a batch whose rows share one cache (every row's cache holds the s
      decodes those positions again, one token at a time.
    Carried tokens every row has are fed as one multi-token forward instead of one token at a time;
 3. refine the chunk (`ChunkRefineWrapper.refine_chunk`) from the snapshot;
-4. COMMIT per row with the commit rule (rkl.model.commit): up to and including the first changed position, the
+4. COMMIT per row with the commit rule (rkl.model.commit): up to and including the first position changed at any
+   inner step (a rejected stale token counts), the
    whole chunk if nothing changed, never past the row's first non-committable position (padding after an EOS,
    positions beyond max_new_tokens). If every row still running committed the whole seeded chunk unchanged, the
    seeded cache is adopted (bitwise what `generate` holds); otherwise the snapshot is restored and advanced by the
@@ -80,8 +81,8 @@ def generate_chunks(wrapper: ChunkRefineWrapper, input_ids: torch.Tensor, attent
 
     return_stats=True returns (ids, stats), one dict per chunk: inner_steps, p_commit (per step, per row),
     tokens_changed (per step), rows (rows still running at the chunk start), seeded_length (chunk positions),
-    committed_lengths (new tokens each running row committed), carried (tokens each running row brought in),
-    adopted_seed.
+    committed_lengths (new tokens each running row committed), open_positions (chunk positions each running row
+    could fill with a new token: not locked), carried (tokens each running row brought in), adopted_seed.
     Disabled wrapper: `base.generate`.
     """
     base, cfg = wrapper.base, wrapper.config
@@ -171,7 +172,7 @@ def generate_chunks(wrapper: ChunkRefineWrapper, input_ids: torch.Tensor, attent
                                    prefix_ids=seq if policy == "reset_all" else None, prefix_mask=mask,
                                    unverified=unverified if bool(unverified.any()) else None)
         final = res.final_tokens
-        lengths = commit_lengths(final, seeded, committable)
+        lengths = commit_lengths(res.changed, committable)
         was_running = ~done
         for r in range(b):
             if was_running[r]:
@@ -192,6 +193,7 @@ def generate_chunks(wrapper: ChunkRefineWrapper, input_ids: torch.Tensor, attent
                 "rows": int(was_running.sum()),
                 "seeded_length": m,
                 "committed_lengths": (lengths - n_locked)[was_running].tolist(),
+                "open_positions": (m - n_locked)[was_running].tolist(),  # chunk positions a new token could take
                 "carried": n_carry[was_running].tolist(),
                 "adopted_seed": adopt,
             })

@@ -90,6 +90,14 @@ class RefineResult:
         return [torch.sigmoid(c.float()) for c in self.commit_logits]
 
     @property
+    def changed(self) -> torch.Tensor:
+        """[B, W] bool: positions whose token differed from the draft after any step (what the commit rule reads)."""
+        out = torch.zeros_like(self.draft, dtype=torch.bool)
+        for toks in self.tokens:
+            out |= toks != self.draft
+        return out
+
+    @property
     def inputs(self) -> list[torch.Tensor]:
         """The chunk each step read: the draft for step 1, then step t-1's tokens (one entry per step run)."""
         return [self.draft] + self.tokens[: self.steps_used - 1]
@@ -329,6 +337,8 @@ class ChunkRefineWrapper(nn.Module):
         policy = cache_reset_policy or cfg.cache_reset_policy
         if edit_rule not in EDIT_RULES:
             raise ValueError(f"edit_rule must be one of {EDIT_RULES}")
+        if unverified is not None and edit_rule != "vs_first_step":
+            raise ValueError("unverified tokens are checked by the 'vs_first_step' edit rule only")
         b, w = chunk_ids.shape
         dev = chunk_ids.device
         if policy == "reset_all":

@@ -94,23 +94,29 @@ def halt_targets(step_inputs: Sequence[Tensor], final_tokens: Tensor, targets: T
     commit are all right, or they are exactly what running all K steps commits.
 
     A step that stops commits the tokens it was run on, ``step_inputs[t]`` (the chunk for t = 1, else step t-1's
-    output), cut by the commit rule (`rkl.model.commit.commit_lengths`: up to and including the first token that
-    differs from the chunk as it came in, ``step_inputs[0]``); running all K steps commits ``final_tokens`` cut the
-    same way. So the head learns to stop once refinement will not change the commit any more (cheap chunks), and
+    output), cut by the commit rule (`rkl.model.commit.commit_lengths`: up to and including the first position whose
+    token differed from the chunk as it came in, ``step_inputs[0]``, at any step so far); running all K steps
+    commits ``final_tokens`` cut the same way. So the head learns to stop once refinement will not change the commit any more (cheap chunks), and
     to go on while it still will, unless what it has is already right. Vacuously 1.0 for a row without valid
     positions. No gradient.
     """
     draft = step_inputs[0]
     idx = torch.arange(draft.shape[1], device=draft.device).unsqueeze(0)
 
-    def committed(tokens: Tensor) -> tuple[Tensor, Tensor]:
-        n = commit_lengths(tokens, draft, valid)
+    def committed(changed: Tensor) -> tuple[Tensor, Tensor]:
+        n = commit_lengths(changed, valid)
         return n, idx < n.unsqueeze(1)
 
-    n_end, in_end = committed(final_tokens)
-    ys = []
+    # a stop at step t cuts at the first position changed at any step before it (step_inputs[1..t-1] are outputs)
+    ever = torch.zeros_like(draft, dtype=torch.bool)
+    changed_before = []
     for tokens in step_inputs:
-        n, inside = committed(tokens)
+        ever = ever | (tokens != draft)
+        changed_before.append(ever)
+    n_end, _ = committed(ever | (final_tokens != draft))
+    ys = []
+    for tokens, changed in zip(step_inputs, changed_before):
+        n, inside = committed(changed)
         right = ((tokens == targets) | ~inside).all(dim=-1)
         same = (n == n_end) & ((tokens == final_tokens) | ~inside).all(dim=-1)
         ys.append(right | same)

@@ -89,7 +89,7 @@ class RefineTask:
         gen = step_generator(c.seed, step, micro)
         rate = scheduled_value(c.corruption_rate, c.corruption_rate_final, c.corruption_schedule, step, c.steps)
         share = scheduled_value(c.draft_share, c.draft_share_final, c.draft_schedule, step, c.steps)
-        modes, _ = chunk_modes(batch.chunk_valid, share, c.splice_share, rate, c.corruption_mask, gen)
+        modes, _ = chunk_modes(c.batch_size, c.chunk_width, share, c.splice_share, rate, c.corruption_mask, gen)
         terms, stats, _ = self.losses_on(batch, modes, gen)
         loss = total_loss(terms, c)
         if self.unfrozen and c.l2_to_pretrained > 0:
@@ -104,9 +104,10 @@ class RefineTask:
                   max_inner_steps: int | None = None):
         """Build the chunk (`modes`, from the prefix's snapshot), run K inner steps over it, compute the losses.
 
-        As at inference, every valid position is editable and tokens change under the exact edit rule. The targets
-        enter the chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses.
-        Returns (terms, stats, RefineResult)."""
+        Every position is editable and tokens change under the exact edit rule of generation. The targets enter the
+        chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses: the chunk's
+        valid positions (up to its true EOS) decide only where losses are taken, never what the sidecar reads or
+        may edit. Returns (terms, stats, RefineResult)."""
         prefix = batch.prefix_ids.to(self.device)
         targets = batch.chunk_ids.to(self.device)
         valid = batch.chunk_valid.to(self.device)
@@ -115,7 +116,7 @@ class RefineTask:
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
             chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen)
-        result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=valid,
+        result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
         terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
                                   loss_mask, valid)
@@ -140,7 +141,8 @@ class RefineTask:
             targets = batch.chunk_ids.to(self.device)
             for name, share in (("draft", 1.0), ("corrupt", 0.0)):
                 gen = step_generator(c.seed + 10_007, i, 0)
-                modes, _ = chunk_modes(batch.chunk_valid, share, 0.0, c.corruption_rate, c.corruption_mask, gen)
+                modes, _ = chunk_modes(c.batch_size, c.chunk_width, share, 0.0, c.corruption_rate, c.corruption_mask,
+                                       gen)
                 terms, stats, result = self.losses_on(batch, modes, gen)
                 loss_mask = batch.chunk_valid.to(self.device) & (modes.to(self.device) != TRUE)
                 row = {f"{name}_ce_k": float(terms["final"]),
