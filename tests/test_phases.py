@@ -209,3 +209,23 @@ def test_bf16_training_moves_every_trainable_tensor_and_reloads_exactly(stages, 
         with torch.no_grad():
             outs.append(w.refine_chunk(batch.chunk_ids, snap, prev, torch.ones_like(batch.chunk_valid)).logits[-1])
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_lora_reaches_attention_mlps_and_the_routed_experts():
+    """The adapted weights of phase B's LoRA on the tiny preset, by name: attention and MLP projections of the top
+    third of the layers, the shared expert, and the fused routed-expert parameters (peft target_parameters)."""
+    from rkl.model.adapters import inject_lora
+    from rkl.model.base import load_base
+
+    base, _ = load_base("tiny")
+    inject_lora(base, {"rank": 4, "alpha": 8, "layers": "top_third", "experts": True})
+    adapted = sorted({n.split(".lora_")[0] for n, _ in base.named_parameters() if ".lora_A." in n})
+    assert all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in adapted)
+    for layer in (2, 3):
+        assert f"model.layers.{layer}.mlp.experts" in adapted  # down_proj (outer wrapper)
+        assert f"model.layers.{layer}.mlp.experts.base_layer" in adapted  # gate_up_proj (inner wrapper)
+        assert f"model.layers.{layer}.mlp.shared_experts.gate_proj" in adapted
+    assert any(".self_attn." in n for n in adapted)
+    old = load_base("tiny")[0]
+    inject_lora(old, {"rank": 4, "alpha": 8, "layers": "top_third"})  # a checkpoint from before: no experts
+    assert not any(".experts.lora_" in n or ".experts.base_layer.lora_" in n for n, _ in old.named_parameters())

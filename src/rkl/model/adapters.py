@@ -20,10 +20,13 @@ from rkl.errors import UserError
 LORA_FILE = "lora.safetensors"
 UNFROZEN_FILE = "unfrozen.safetensors"
 LORA_SHAPE_FILE = "lora_config.json"  # rank, alpha, layers the adapters were built with
-# Attention (KDA and MLA) and MLP projections. The routed experts are fused 3-D parameters that LoRA cannot
-# wrap; their shared expert and the dense MLPs are plain Linear layers and are adapted.
+# Attention (KDA and MLA) and MLP projections: plain Linear layers (the dense MLPs and the shared expert too).
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                     "gate_proj", "up_proj", "down_proj")
+# The routed experts of a transformers-5 Kimi-Linear are fused 3-D parameters ([experts, out, in]) that
+# `target_modules` cannot reach; peft adapts them through `target_parameters` (one LoRA pair per parameter, its
+# rank spread over the experts).
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 
 def lora_layers(num_layers: int, which: str) -> list[int]:
@@ -42,21 +45,33 @@ def lora_target_regex(layers: list[int]) -> str:
 def apply_lora(base: torch.nn.Module, config: RecursiveConfig) -> list[torch.nn.Parameter]:
     """Inject LoRA adapters in place (module objects and forward hooks stay valid); return their parameters."""
     if not any("lora_" in n for n, _ in base.named_parameters()):  # else: resumed, or phase B's adapters
-        inject_lora(base, {"rank": config.lora_rank, "alpha": config.lora_alpha, "layers": config.lora_layers})
+        inject_lora(base, {"rank": config.lora_rank, "alpha": config.lora_alpha, "layers": config.lora_layers,
+                           "experts": True})
     params = [p for n, p in base.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     return params
 
 
+def expert_parameter_names(base: torch.nn.Module, layers: list[int]) -> list[str]:
+    """The fused routed-expert parameters of `layers` (layers with a dense MLP have none)."""
+    names = {n for n, _ in base.named_parameters()}
+    return [f"model.layers.{i}.mlp.experts.{p}" for i in layers for p in EXPERT_PARAMETERS
+            if f"model.layers.{i}.mlp.experts.{p}" in names]
+
+
 def inject_lora(base: torch.nn.Module, shape: dict) -> None:
-    """Inject adapters of `shape` ({"rank", "alpha", "layers"}) in float32 and remember the shape for saving.
+    """Inject adapters of `shape` ({"rank", "alpha", "layers", "experts"}) in float32 and remember the shape.
+
+    "experts": also adapt the routed experts (checkpoints written before they were adapted lack the key and load
+    without them).
 
     float32 whatever the base's dtype: they train, and bf16 weights lose AdamW's small steps to rounding. peft
     casts a LoRA layer's input to the adapter's dtype and the result back, so they run inside a bf16 base."""
     layers = lora_layers(base.config.num_hidden_layers, shape["layers"])
+    experts = expert_parameter_names(base, layers) if shape.get("experts", False) else None
     inject_adapter_in_model(LoraConfig(r=shape["rank"], lora_alpha=shape["alpha"], lora_dropout=0.0,
-                                       target_modules=lora_target_regex(layers)), base)
+                                       target_modules=lora_target_regex(layers), target_parameters=experts), base)
     for name, p in base.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
