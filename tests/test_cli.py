@@ -21,7 +21,7 @@ def test_every_command_has_help(command):
 
 
 def test_train_help_explains_every_option():
-    out = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
     for flag in ("--phase", "--recursive-config", "--model", "--out", "--steps", "--batch-size", "--resume", "--set"):
         assert flag in out, flag
 

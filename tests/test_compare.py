@@ -107,6 +107,19 @@ def test_warns_on_token_accuracy_and_greedy_hash(tmp_path: Path) -> None:
     assert all(w.startswith("WARNING:") for w in warnings)
 
 
+def test_exactness_judged_only_between_reproducible_gpu_results(tmp_path: Path) -> None:
+    results = _pipeline()
+    for stage in ("baseline", "after_surgery"):
+        results[stage]["device"] = "NVIDIA H200"
+        results[stage]["eval"] = {"deterministic": True}
+    results["after_surgery"]["metrics"]["perplexity"] += 1e-9
+    assert any("differs from baseline in perplexity" in w for w in _warnings(results, tmp_path))
+    results["baseline"]["eval"]["deterministic"] = False
+    warnings = _warnings(results, tmp_path)
+    assert any("not judged: baseline ran on a GPU without deterministic kernels" in w for w in warnings)
+    assert not any("differs from baseline" in w for w in warnings)
+
+
 def test_warns_when_split_hashes_differ(tmp_path: Path) -> None:
     results = _pipeline()
     results["phase_a"]["data"]["split_hash"] = sha256_json({"split": "train"})

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from rkl.config import RecursiveConfig
+from rkl.determinism import set_deterministic
 from rkl.errors import UserError
 from rkl.paths import PHASE_STAGES, checkpoint_dir, logs_dir, stage_config_path
 
@@ -75,6 +76,7 @@ def train(
     set_: SetOpt = None,
     dtype: DtypeOpt = None,
     stop_at: Annotated[Optional[int], typer.Option("--stop-at", help="Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume.")] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic GPU kernels (torch deterministic algorithms, cuBLAS workspace :4096:8); slower. Recorded in run.json.")] = False,
 ) -> None:
     """Train one phase. Each phase starts from the previous stage's checkpoint by convention
     (vanilla <- baseline, a <- after_surgery, b <- phase_a, c <- phase_b) and writes checkpoints/<stage>/."""
@@ -82,6 +84,7 @@ def train(
 
     if phase not in PHASES:
         raise UserError(f"unknown phase '{phase}' (phases: {', '.join(PHASES)})")
+    set_deterministic(deterministic)
     stage = PHASE_STAGES[phase]
     config = resolve_config("pretrain" if phase == "pretrain" else stage, recursive_config, set_,
                             steps=steps, batch_size=batch_size)
@@ -130,10 +133,12 @@ def eval_(
     chunk_width: Annotated[Optional[int], typer.Option("--chunk-width", help="Evaluate at another chunk width W (length generalisation).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score at most N examples per task.")] = None,
     dtype: DtypeOpt = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic GPU kernels (on by default: after_surgery == baseline can only be judged between deterministic GPU results). Recorded in the result.")] = True,
 ) -> None:
     """Evaluate a stage on the held-out splits -> eval_results/<stage>.json (+ TensorBoard)."""
     from rkl.eval.runner import run_eval
 
+    set_deterministic(deterministic)
     result = run_eval(stage, model=model, config_path=recursive_config, overrides=set_ or [],
                       chunk_width=chunk_width, limit=limit, dtype=dtype)
     console.print(f"[green]saved[/] {result}")

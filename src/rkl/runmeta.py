@@ -55,7 +55,10 @@ def device_description() -> str:
 
 
 def run_metadata(**extra) -> dict:
+    from rkl.determinism import deterministic_record
+
     return {
+        **deterministic_record(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),

@@ -112,10 +112,16 @@ def _delta_cell(results: dict[str, dict[str, Any]], metric: str, stage: str, ref
 
 
 def check_exactness(results: dict[str, dict[str, Any]]) -> list[str]:
-    """after_surgery must equal baseline exactly in perplexity, token accuracy and greedy generations."""
+    """after_surgery must equal baseline exactly in perplexity, token accuracy and greedy generations; judged only
+    between reproducible results (CPU, or GPU with deterministic kernels: rkl.determinism)."""
     if BASELINE not in results or SURGERY not in results:
         return []
     base, surg = results[BASELINE], results[SURGERY]
+    loose = [s for s, r in ((BASELINE, base), (SURGERY, surg))
+             if not str(r.get("device", "cpu")).startswith("cpu") and not r.get("eval", {}).get("deterministic")]
+    if loose:
+        return [f"WARNING: after_surgery == baseline not judged: {' and '.join(loose)} ran on a GPU without "
+                "deterministic kernels, which is not reproducible run to run; re-run `rkl eval --deterministic`."]
     out = []
     both_nll = _metric(base, "mean_nll") is not None and _metric(surg, "mean_nll") is not None
     for m in MUST_MATCH + (("mean_nll",) if both_nll else ()):
