@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -91,8 +92,11 @@ def train(
     out = out or checkpoint_dir(stage)
     run = PhaseRun(phase=phase, config=config, model=model or default_init(phase), out=out,
                    log_dir=logs_dir() / out.name, resume=resume, stop_at=stop_at, dtype=dtype)
-    console.print(f"[bold]rkl train[/] phase={phase} from={run.model} -> {out}  (TensorBoard: {run.log_dir})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"[bold]rkl train[/] phase={phase} from={run.model} -> {out}  (TensorBoard: {run.log_dir})")
     result = run_phase(run)
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: the main process reports
+        return
     if result.interrupted:
         console.print(f"[yellow]stopped at step {result.steps_done}; checkpoint in {out}; continue with --resume")
         raise typer.Exit(0 if stop_at else 130)

@@ -18,11 +18,14 @@ from rkl.model.cache import restore_cache
 
 @torch.no_grad()
 def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets: torch.Tensor, modes: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, shard: tuple[slice, torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """[B, W] chunk: targets where modes is TRUE, the base's greedy token where GREEDY, a sample where SAMPLE.
 
     prev_logits [B, V]: the base's logits at the last prefix position. Samples use the Gumbel-max trick with noise
     from `generator` (CPU), so a chunk is a pure function of (weights, prefix, targets at TRUE positions, seed).
+    shard = (rows, global_modes): these rows are that slice of a global batch with `global_modes` (data parallel):
+    the noise is drawn as for the global batch, so a row's sample does not depend on how the batch is split.
     """
     base = wrapper.base
     b, w = targets.shape
@@ -34,8 +37,12 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
     toks = []
     for j in range(w):
         pick = logits.argmax(-1).to(dev)
-        if bool((modes[:, j] == SAMPLE).any()):
-            u = torch.rand(logits.shape, generator=generator).clamp_(1e-20, 1.0).to(logits.device)
+        every = modes if shard is None else shard[1]
+        if bool((every[:, j] == SAMPLE).any()):
+            u = torch.rand(every.shape[0], logits.shape[1], generator=generator)
+            if shard is not None:
+                u = u[shard[0]]
+            u = u.clamp_(1e-20, 1.0).to(logits.device)
             pick = torch.where(modes[:, j] == SAMPLE, (logits - torch.log(-torch.log(u))).argmax(-1).to(dev), pick)
         tok = torch.where((modes[:, j] == GREEDY) | (modes[:, j] == SAMPLE), pick, targets[:, j])
         toks.append(tok)

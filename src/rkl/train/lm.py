@@ -15,8 +15,10 @@ from rkl.data.packing import lm_batch
 
 class LMTask:
     def __init__(self, model: KimiLinearForCausalLM, tokenizer: PreTrainedTokenizerBase, config: RecursiveConfig,
-                 train_stream: torch.Tensor, val_stream: torch.Tensor, device: torch.device):
+                 train_stream: torch.Tensor, val_stream: torch.Tensor, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.rank, self.world = shard  # this process's slice of every global batch (see rkl.train.loop)
         self.train_stream, self.val_stream, self.device = train_stream, val_stream, device
 
     def trainable_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
@@ -35,7 +37,9 @@ class LMTask:
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        batch = lm_batch(self.train_stream, step * c.grad_accum + micro, c.batch_size, c.seq_len, c.seed)
+        b = c.batch_size
+        batch = lm_batch(self.train_stream, step * c.grad_accum + micro, b * self.world, c.seq_len, c.seed)
+        batch = batch[self.rank * b:(self.rank + 1) * b]
         loss, _ = self._batch_loss(batch)
         loss_value = float(loss.detach())
         return loss, {"loss": loss_value, "loss_lm": loss_value, "tokens": float(batch[:, :-1].numel())}
@@ -46,7 +50,8 @@ class LMTask:
         c = self.config
         losses, accs = [], []
         for i in range(c.eval_batches):
-            batch = lm_batch(self.val_stream, i, c.batch_size, c.seq_len, c.seed + 10_007)
+            # the global batch, on every process: the curve does not depend on how many processes there are
+            batch = lm_batch(self.val_stream, i, c.batch_size * self.world, c.seq_len, c.seed + 10_007)
             loss, acc = self._batch_loss(batch)
             losses.append(float(loss))
             accs.append(float(acc))

@@ -4,6 +4,14 @@ TensorBoard, periodic validation, atomic checkpoints and exact resume.
 A phase plugs in as a `TrainTask`: it owns its model(s) and data and says what one micro-batch's loss is.
 Batches are a pure function of (seed, step, micro-batch), so a resumed run sees exactly the batches an
 uninterrupted run would, and with optimizer, scheduler and RNG state restored it ends at the same weights.
+
+Data parallel (several processes, launched by `accelerate launch --num_processes N` on GPUs or `torchrun
+--nproc_per_node N` on CPUs): `batch_size` is per process; every process builds the same global batch of
+batch_size x N rows and takes its own slice (a pure function of seed, step and rank, so resume stays exact); after
+the backward passes the gradients are averaged across processes (an all-reduce of every trainable tensor: the
+tasks call their models' own methods, not one module's forward, so a DDP wrapper would not see them). Every
+process validates the same held-out batches; only the main process writes checkpoints, run.json, TensorBoard and
+the progress bar, with scalars averaged (tokens summed) across processes.
 """
 
 from __future__ import annotations
@@ -49,10 +57,39 @@ def make_accelerator(config: RecursiveConfig) -> Accelerator:
     return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
 
 
+class _NoWriter:
+    """SummaryWriter's interface for processes that do not log."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    flush = close = add_scalar
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over the processes (a tensor that got no gradient here contributes zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
+def _reduce_scalars(scalars: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean over processes, except 'tokens' (summed: the global batch's)."""
+    keys = sorted(scalars)
+    t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    world = torch.distributed.get_world_size()
+    return {k: float(v) if k == "tokens" else float(v) / world for k, v in zip(keys, t.tolist())}
+
+
 def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path, meta: dict,
           accelerator: Accelerator, resume: bool = False, stop_at: int | None = None,
           show_progress: bool = True) -> TrainResult:
     """Run config.steps optimizer steps (or until `stop_at`), checkpointing into out_dir."""
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    meta = {**meta, "world_size": world}
     optimizer = build_optimizer(task.trainable_groups(), config)
     scheduler = build_scheduler(optimizer, config)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -64,18 +101,21 @@ def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             start = state["step"]
-    writer = SummaryWriter(str(log_dir), purge_step=start if start else None)
+    writer = SummaryWriter(str(log_dir), purge_step=start if start else None) if main else _NoWriter()
     result = TrainResult(steps_done=start)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
 
     def checkpoint(step: int) -> None:
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "rng": rng_state(), "step": step}
-        save_checkpoint(out_dir, task.save_weights, config, {**meta, "step": step}, training_state)
+        if main:
+            training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "rng": rng_state(), "step": step}
+            save_checkpoint(out_dir, task.save_weights, config, {**meta, "step": step}, training_state)
+        accelerator.wait_for_everyone()
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not show_progress)
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        disable=not (show_progress and main))
     def validate(step: int) -> None:
         task.train_mode(False)
         val = task.validate()
@@ -98,6 +138,9 @@ def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path
                     accelerator.backward(loss / config.grad_accum)
                     for k, v in micro_scalars.items():
                         scalars[k] = scalars.get(k, 0.0) + (v if k == "tokens" else v / config.grad_accum)
+                if world > 1:
+                    _all_reduce_grads(params, world)
+                    scalars = _reduce_scalars(scalars, accelerator.device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
                 optimizer.step()
                 scheduler.step()

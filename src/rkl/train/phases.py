@@ -105,6 +105,7 @@ def _run_lm_phase(run: PhaseRun) -> TrainResult:
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()),
                         parameters=sum(p.numel() for p in model.parameters()), tokenizer_size=len(tokenizer))
-    task = LMTask(model, tokenizer, config, train_stream, val_stream, accelerator.device)
+    task = LMTask(model, tokenizer, config, train_stream, val_stream, accelerator.device,
+                  shard=(accelerator.process_index, accelerator.num_processes))
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)

@@ -45,8 +45,9 @@ def prefix_range(config: RecursiveConfig) -> tuple[int, int]:
 class RefineTask:
     def __init__(self, wrapper, tokenizer, config: RecursiveConfig, train_stream: torch.Tensor,
                  val_stream: torch.Tensor, device: torch.device, phase: str, base_reference: dict,
-                 pretrained: torch.nn.Module | None = None):
+                 pretrained: torch.nn.Module | None = None, shard: tuple[int, int] = (0, 1)):
         self.wrapper, self.tokenizer, self.config, self.device, self.phase = wrapper, tokenizer, config, device, phase
+        self.rank, self.world = shard  # this process's slice of every global batch (see rkl.train.loop)
         self.base_reference = base_reference
         self.train_stream, self.val_stream = train_stream, val_stream
         base = wrapper.base
@@ -84,13 +85,16 @@ class RefineTask:
         c = self.config
         index = step * c.grad_accum + micro
         lo, hi = prefix_range(c)
-        batch = chunk_batch(self.train_stream, index, c.batch_size, c.chunk_width, lo, hi, c.seed,
+        total = c.batch_size * self.world
+        batch = chunk_batch(self.train_stream, index, total, c.chunk_width, lo, hi, c.seed,
                             self.tokenizer.eos_token_id)
         gen = step_generator(c.seed, step, micro)
         rate = scheduled_value(c.corruption_rate, c.corruption_rate_final, c.corruption_schedule, step, c.steps)
         share = scheduled_value(c.draft_share, c.draft_share_final, c.draft_schedule, step, c.steps)
-        modes, _ = chunk_modes(c.batch_size, c.chunk_width, share, c.splice_share, rate, c.corruption_mask, gen)
-        terms, stats, _ = self.losses_on(batch, modes, gen)
+        modes, _ = chunk_modes(total, c.chunk_width, share, c.splice_share, rate, c.corruption_mask, gen)
+        mine = slice(self.rank * c.batch_size, (self.rank + 1) * c.batch_size)
+        batch = ChunkBatch(batch.prefix_ids[mine], batch.chunk_ids[mine], batch.chunk_valid[mine])
+        terms, stats, _ = self.losses_on(batch, modes[mine], gen, shard=(mine, modes))
         loss = total_loss(terms, c)
         if self.unfrozen and c.l2_to_pretrained > 0:
             l2 = l2_to_pretrained(self.unfrozen, self.reference)
@@ -101,13 +105,14 @@ class RefineTask:
                       "corruption_rate": rate, "draft_share": share, "tokens": float(tokens)}
 
     def losses_on(self, batch: ChunkBatch, modes: torch.Tensor, gen: torch.Generator,
-                  max_inner_steps: int | None = None):
+                  max_inner_steps: int | None = None, shard: tuple[slice, torch.Tensor] | None = None):
         """Build the chunk (`modes`, from the prefix's snapshot), run K inner steps over it, compute the losses.
 
         Every position is editable and tokens change under the exact edit rule of generation. The targets enter the
         chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses: the chunk's
         valid positions (up to its true EOS) decide only where losses are taken, never what the sidecar reads or
-        may edit. Returns (terms, stats, RefineResult)."""
+        may edit. shard: (this process's rows, the global batch's modes) when the batch is a slice of a global one,
+        so the sampling noise is the global batch's. Returns (terms, stats, RefineResult)."""
         prefix = batch.prefix_ids.to(self.device)
         targets = batch.chunk_ids.to(self.device)
         valid = batch.chunk_valid.to(self.device)
@@ -115,7 +120,7 @@ class RefineTask:
         loss_mask = valid & (modes != TRUE)
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
-            chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen)
+            chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, shard=shard)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
         terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
@@ -136,13 +141,14 @@ class RefineTask:
         lo, hi = prefix_range(c)
         sums: dict[str, float] = {}
         for i in range(c.eval_batches):
-            batch = chunk_batch(self.val_stream, i, c.batch_size, c.chunk_width, lo, hi, c.seed + 10_007,
+            # the global batch, on every process: the curve does not depend on how many processes there are
+            total = c.batch_size * self.world
+            batch = chunk_batch(self.val_stream, i, total, c.chunk_width, lo, hi, c.seed + 10_007,
                                 self.tokenizer.eos_token_id)
             targets = batch.chunk_ids.to(self.device)
             for name, share in (("draft", 1.0), ("corrupt", 0.0)):
                 gen = step_generator(c.seed + 10_007, i, 0)
-                modes, _ = chunk_modes(c.batch_size, c.chunk_width, share, 0.0, c.corruption_rate, c.corruption_mask,
-                                       gen)
+                modes, _ = chunk_modes(total, c.chunk_width, share, 0.0, c.corruption_rate, c.corruption_mask, gen)
                 terms, stats, result = self.losses_on(batch, modes, gen)
                 loss_mask = batch.chunk_valid.to(self.device) & (modes.to(self.device) != TRUE)
                 row = {f"{name}_ce_k": float(terms["final"]),
@@ -195,7 +201,7 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
                                   dtype=run.dtype, seed=0)
         pretrained.to(accelerator.device).eval()
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
-                      base_reference, pretrained)
+                      base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))
     del pretrained  # the task keeps what it needs (reference tensors, reference generations)
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)
