@@ -28,17 +28,17 @@ test: install
 
 # The whole pipeline on the embedded tiny Kimi-Linear (CPU, no network).
 demo: install
-	$(RKL) train --phase pretrain
+	$(RKL) train --phase pretrain --overwrite
 	$(RKL) eval --stage baseline
 	$(RKL) surgery
 	$(RKL) eval --stage after_surgery
-	$(RKL) train --phase vanilla
+	$(RKL) train --phase vanilla --overwrite
 	$(RKL) eval --stage finetuned_vanilla
-	$(RKL) train --phase a
+	$(RKL) train --phase a --overwrite
 	$(RKL) eval --stage phase_a
-	$(RKL) train --phase b
+	$(RKL) train --phase b --overwrite
 	$(RKL) eval --stage phase_b
-	$(RKL) train --phase c
+	$(RKL) train --phase c --overwrite
 	$(RKL) eval --stage phase_c
 	$(RKL) compare
 

@@ -68,3 +68,43 @@ def test_readme_config_reference_lists_every_field():
     readme = (project_root() / "README.md").read_text()
     for name in RecursiveConfig().to_dict():
         assert f"| `{name}` |" in readme, name
+
+
+# ------------------------------------------------------------------------------------------ nothing lost
+TINY_RUN = ["train", "--phase", "pretrain", "--model", "tiny", "--batch-size", "2", "--set", "seq_len=16",
+            "--set", "data=arithmetic", "--set", "max_chars_per_source=5000", "--set", "eval_batches=1",
+            "--set", "arithmetic_digits=2"]
+
+
+def test_a_checkpoint_is_never_replaced_without_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, TINY_RUN + ["--steps", "3", "--stop-at", "2", "--out", str(out)]).exit_code == 0
+    before = (out / "training_state.pt").read_bytes()
+    msg = user_error(TINY_RUN + ["--steps", "3", "--out", str(out)], tmp_path)
+    assert "--resume" in msg and "--overwrite" in msg
+    assert (out / "training_state.pt").read_bytes() == before  # untouched
+    # --resume without --steps continues to the run's own length (3), not the stage file's
+    result = runner.invoke(app, TINY_RUN + ["--resume", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(step 3)" in result.output
+    assert runner.invoke(app, TINY_RUN + ["--steps", "1", "--overwrite", "--out", str(out)]).exit_code == 0
+
+
+def test_a_folder_being_written_is_locked(tmp_path):
+    import os
+
+    out = tmp_path / "run"
+    (tmp_path / "run.lock").write_text(f"{os.getpid()}\n")  # a live holder: this test process
+    msg = user_error(TINY_RUN + ["--steps", "1", "--out", str(out)], tmp_path)
+    assert f"pid {os.getpid()}" in msg and not out.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run.lock").write_text(dead.stdout)  # the holder is gone (killed): the lock is taken over
+    assert runner.invoke(app, TINY_RUN + ["--steps", "1", "--out", str(out)]).exit_code == 0
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_unknown_key_suggests_the_field_and_fp16_on_cpu_is_refused(tmp_path):
+    out = user_error(["config", "--stage", "phase_b", "--set", "lora_rnak=16"], tmp_path)
+    assert "did you mean lora_rank" in out
+    out = user_error(TINY_RUN + ["--steps", "1", "--dtype", "float16", "--out", str(tmp_path / "x")], tmp_path)
+    assert "float16 needs a GPU" in out and not (tmp_path / "x").exists()

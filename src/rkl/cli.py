@@ -78,6 +78,7 @@ def train(
     dtype: DtypeOpt = None,
     stop_at: Annotated[Optional[int], typer.Option("--stop-at", help="Stop (with a checkpoint) after this step, as if interrupted; resume later with --resume.")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic GPU kernels (torch deterministic algorithms, cuBLAS workspace :4096:8); slower. Recorded in run.json.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a checkpoint already in --out (without it, a run refuses to start over a checkpoint: continue it with --resume).")] = False,
 ) -> None:
     """Train one phase. Each phase starts from the previous stage's checkpoint by convention
     (vanilla <- baseline, a <- after_surgery, b <- phase_a, c <- phase_b) and writes checkpoints/<stage>/."""
@@ -90,6 +91,12 @@ def train(
     config = resolve_config("pretrain" if phase == "pretrain" else stage, recursive_config, set_,
                             steps=steps, batch_size=batch_size)
     out = out or checkpoint_dir(stage)
+    saved = out / "recursive_config.json"
+    if resume and steps is None and saved.is_file():
+        config = config.replace(steps=RecursiveConfig.from_file(saved).steps)  # the run's own length
+    if not resume and not overwrite and (out / "training_state.pt").is_file():
+        raise UserError(f"{out} already holds a checkpoint; continue that run with --resume, or pass --overwrite "
+                        "to start over and replace it")
     run = PhaseRun(phase=phase, config=config, model=model or default_init(phase), out=out,
                    log_dir=logs_dir() / out.name, resume=resume, stop_at=stop_at, dtype=dtype)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -98,7 +105,11 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:  # data parallel: the main process reports
         return
     if result.interrupted:
-        console.print(f"[yellow]stopped at step {result.steps_done}; checkpoint in {out}; continue with --resume")
+        if (out / "training_state.pt").is_file():
+            console.print(f"[yellow]stopped at step {result.steps_done}; checkpoint in {out}; continue with --resume")
+        else:
+            console.print("[yellow]stopped before the first step finished: nothing to resume; run the command again "
+                          "without --resume")
         raise typer.Exit(0 if stop_at else 130)
     if result.val_history:
         first, last = result.val_history[0], result.val_history[-1]

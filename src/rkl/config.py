@@ -15,6 +15,7 @@ Every field is validated by type, range and allowed values; `validate()` returns
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import types
@@ -149,7 +150,11 @@ class RecursiveConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+                hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+            raise ConfigError(f"unknown config key(s): {', '.join(hints)}; `rkl config` lists every field")
         # JSON has one number type: accept 3 for a float field, never 3.0 for an int field.
         hints = typing.get_type_hints(cls)
         coerced = {k: float(v) if hints[k] is float and type(v) is int else v for k, v in data.items()}

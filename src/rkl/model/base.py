@@ -38,6 +38,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}' (use one of: {', '.join(DTYPES)})")
+    if DTYPES[dtype] == torch.float16 and not torch.cuda.is_available():
+        # fp16 on a CPU overflows in training (a 40-step phase A ended with most sidecar tensors NaN)
+        raise UserError("float16 needs a GPU; on a CPU use --dtype float32 (or bfloat16)")
     return DTYPES[dtype]
 
 

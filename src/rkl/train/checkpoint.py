@@ -8,6 +8,7 @@ scheduler, RNG states, step) so `--resume` continues exactly where the run stopp
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import uuid
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from rkl.config import RecursiveConfig
+from rkl.errors import UserError
 
 TRAINING_STATE = "training_state.pt"
 
@@ -77,3 +79,49 @@ def load_training_state(ckpt_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class RunLock:
+    """`<out>.lock` beside an output folder while a run writes it: a second run into the same folder refuses, naming
+    the holder's pid. A lock whose pid is gone (the run was killed) is taken over."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir).with_name(Path(out_dir).name + ".lock")
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _pid_in(self.path)
+                if holder is not None and _alive(holder):
+                    raise UserError(f"{self.path.with_suffix('')} is being written by another run (pid {holder}); "
+                                    "wait for it to finish or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its run is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            return self
+        raise UserError(f"could not lock {self.path}: remove it if no run is writing {self.path.with_suffix('')}")
+
+    def __exit__(self, *exc) -> None:
+        if _pid_in(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,6 +16,7 @@ the progress bar, with scalars averaged (tokens summed) across processes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from rkl.config import RecursiveConfig
 from rkl.runmeta import peak_memory_mib
-from rkl.train.checkpoint import load_training_state, rng_state, save_checkpoint, set_rng_state
+from rkl.train.checkpoint import RunLock, load_training_state, rng_state, save_checkpoint, set_rng_state
 from rkl.train.optim import build_optimizer, build_scheduler
 
 
@@ -90,6 +91,14 @@ def train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path
     """Run config.steps optimizer steps (or until `stop_at`), checkpointing into out_dir."""
     world, main = accelerator.num_processes, accelerator.is_main_process
     meta = {**meta, "world_size": world}
+    lock = RunLock(out_dir) if main else contextlib.nullcontext()
+    with lock:
+        return _train(task, config, out_dir, log_dir, meta, accelerator, resume, stop_at, show_progress, world, main)
+
+
+def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Path, meta: dict,
+           accelerator: Accelerator, resume: bool, stop_at: int | None, show_progress: bool, world: int,
+           main: bool) -> TrainResult:
     optimizer = build_optimizer(task.trainable_groups(), config)
     scheduler = build_scheduler(optimizer, config)
     params = [p for g in optimizer.param_groups for p in g["params"]]
