@@ -67,3 +67,51 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
                    log_dir=tmp_path / "logs" / "run", show_progress=False, resume=True)
     with pytest.raises(UserError, match="lr"):
         run_phase(run)
+
+
+def _poison(monkeypatch, bad_steps):
+    """The LM loss times NaN at the given steps (a fault injected into the real task)."""
+    from rkl.train.lm import LMTask
+
+    real = LMTask.loss
+
+    def loss(self, step, micro):
+        value, scalars = real(self, step, micro)
+        return (value * float("nan"), scalars) if step in bad_steps else (value, scalars)
+
+    monkeypatch.setattr(LMTask, "loss", loss)
+
+
+def test_a_nan_step_is_skipped_and_nothing_nan_is_saved(tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, {1, 2})
+    result = pretrain(tmp_path, "nan", steps=4)
+    assert result.steps_done == 4
+    assert "step 2: the loss or gradient is not finite; step skipped" in capsys.readouterr().err
+    weights = load_file(str(tmp_path / "nan" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert result.history[-1]["skipped_steps"] == 2
+
+
+def test_nan_steps_in_a_row_abort_with_a_user_error_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    from rkl.errors import UserError
+    from rkl.train.loop import MAX_BAD_STEPS
+
+    _poison(monkeypatch, set(range(3, 100)))
+    with pytest.raises(UserError, match=f"not finite for {MAX_BAD_STEPS} steps in a row"):
+        pretrain(tmp_path, "nan", steps=3 + MAX_BAD_STEPS + 2)
+    state = torch.load(tmp_path / "nan" / "training_state.pt", weights_only=False)
+    assert state["step"] in (3, 6)  # checkpoints keep coming while steps are skipped, and none holds a NaN
+    for slot in state["optimizer"]["state"].values():
+        assert all(torch.isfinite(v).all() for v in slot.values() if torch.is_tensor(v))
+    weights = load_file(str(tmp_path / "nan" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    from rkl.train.phases import PhaseRun, run_phase
+
+    config = RecursiveConfig(recursive_enabled=False, steps=3, eval_interval=3, save_interval=3, **FAST)
+    run_phase(PhaseRun(phase="pretrain", config=config, model="tiny", out=tmp_path / "p",
+                       log_dir=tmp_path / "logs" / "p", show_progress=True))
+    err = capsys.readouterr().err
+    assert "step 1/3" in err and "step 3/3" in err and "tok/s" in err and "eta" in err

@@ -17,6 +17,7 @@ the progress bar, with scalars averaged (tokens summed) across processes.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 
 from rkl.config import RecursiveConfig
+from rkl.errors import UserError
 from rkl.runmeta import peak_memory_mib
 from rkl.train.checkpoint import RunLock, load_training_state, rng_state, save_checkpoint, set_rng_state
 from rkl.train.optim import build_optimizer, build_scheduler
@@ -56,6 +59,15 @@ def make_accelerator(config: RecursiveConfig) -> Accelerator:
     """bf16 autocast on GPU, plain fp32 on CPU."""
     on_gpu = torch.cuda.is_available()
     return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
+
+
+MAX_BAD_STEPS = 5      # non-finite steps in a row before a run gives up (exit 2)
+PLAIN_EVERY_S = 30.0   # seconds between progress lines when the output is not a terminal
+
+
+def _say(line: str, main: bool) -> None:
+    if main:
+        print(line, file=sys.stderr, flush=True)
 
 
 class _NoWriter:
@@ -132,6 +144,9 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
             writer.add_scalar(f"val/{k}", v, step)
         result.val_history.append({"step": step, **val})
 
+    bad_in_a_row = skipped = 0
+    plain = show_progress and main and not Console().is_terminal
+    t_start = last_line = time.perf_counter()
     try:
         if start == 0:
             validate(0)  # the untrained starting point every later number is compared with
@@ -151,12 +166,24 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
                     _all_reduce_grads(params, world)
                     scalars = _reduce_scalars(scalars, accelerator.device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-                optimizer.step()
+                if torch.isfinite(grad_norm):  # a NaN/inf loss or gradient gives a non-finite norm (on every rank)
+                    optimizer.step()
+                    bad_in_a_row = 0
+                else:
+                    bad_in_a_row += 1
+                    skipped += 1
+                    _say(f"warning: step {step + 1}: the loss or gradient is not finite; step skipped "
+                         f"({bad_in_a_row} in a row)", main)
+                    if bad_in_a_row >= MAX_BAD_STEPS:
+                        raise UserError(f"the loss or gradient was not finite for {MAX_BAD_STEPS} steps in a row "
+                                        f"(last at step {step + 1}); nothing was updated from them. Lower the learning "
+                                        "rates, or use --dtype float32; the last checkpoint in --out is intact")
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.steps_done = step + 1  # from here on, an interrupt checkpoints this step
                 elapsed = time.perf_counter() - t0
-                scalars.update(grad_norm=float(grad_norm), tokens_per_s=scalars.get("tokens", 0.0) / elapsed)
+                scalars.update(grad_norm=float(grad_norm), tokens_per_s=scalars.get("tokens", 0.0) / elapsed,
+                               skipped_steps=float(skipped))
                 if (step + 1) % config.log_interval == 0 or step == start or step + 1 == config.steps:
                     _log_step(writer, step + 1, scalars, optimizer)
                     result.history.append({"step": step + 1, **scalars})
@@ -166,6 +193,13 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
                     checkpoint(step + 1)
                 progress.update(bar, advance=1, info=f"loss {scalars.get('loss', float('nan')):.3f}",
                                 rate=f"{scalars['tokens_per_s']:.0f} tok/s")
+                if plain and (time.perf_counter() - last_line >= PLAIN_EVERY_S or step + 1 in (start + 1, end)):
+                    # output to a file or pipe: rich draws nothing there until the end, so print a line
+                    last_line = time.perf_counter()
+                    done = step + 1 - start
+                    eta = (last_line - t_start) / done * (end - step - 1)
+                    _say(f"step {step + 1}/{config.steps}  loss {scalars.get('loss', float('nan')):.4f}  "
+                         f"{scalars['tokens_per_s']:.0f} tok/s  eta {eta / 60:.1f} min", main)
         if end < config.steps:  # --stop-at: behave as an interrupt, with a checkpoint to resume from
             if result.steps_done % config.save_interval:
                 checkpoint(result.steps_done)
