@@ -108,3 +108,34 @@ def test_unknown_key_suggests_the_field_and_fp16_on_cpu_is_refused(tmp_path):
     assert "did you mean lora_rank" in out
     out = user_error(TINY_RUN + ["--steps", "1", "--dtype", "float16", "--out", str(tmp_path / "x")], tmp_path)
     assert "float16 needs a GPU" in out and not (tmp_path / "x").exists()
+
+
+def test_truncated_weight_files_are_one_line_errors_naming_the_file(tmp_path):
+    base = tmp_path / "base"
+    assert runner.invoke(app, TINY_RUN + ["--steps", "1", "--out", str(base)]).exit_code == 0
+    good = tmp_path / "surg"
+    assert runner.invoke(app, ["surgery", "--model", str(base), "--out", str(good)]).exit_code == 0
+    sidecar = good / "sidecar.safetensors"
+    sidecar.write_bytes(sidecar.read_bytes()[:-64])
+    msg = user_error(["eval", "--stage", "s", "--model", str(good), "--limit", "1"], tmp_path)
+    assert "sidecar.safetensors is unreadable" in msg and "re-run the stage" in msg
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    msg = user_error(["surgery", "--model", str(base), "--out", str(tmp_path / "again")], tmp_path)
+    assert "model.safetensors is unreadable" in msg and not (tmp_path / "again").exists()
+
+
+def test_compare_of_a_missing_stage_lists_what_is_evaluated(tmp_path, monkeypatch):
+    from rkl.eval.results import make_result, save_result
+
+    save_result(make_result("phase_a", {"perplexity": 10.0}), tmp_path / "eval_results")
+    monkeypatch.setattr("rkl.eval.report.eval_results_dir", lambda: tmp_path / "eval_results", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(project_root() / "configs")
+    msg = user_error(["compare", "baseline", "phase_z"], tmp_path)
+    assert "evaluated so far: phase_a" in msg
+
+
+def test_a_recursive_phase_from_a_preset_says_to_run_surgery(tmp_path):
+    msg = user_error(["train", "--phase", "a", "--model", "tiny", "--out", str(tmp_path / "x")], tmp_path)
+    assert "is a model preset" in msg and "rkl surgery --model tiny" in msg

@@ -29,6 +29,7 @@ uses it for binomial standard errors and says "significance unknown" when it is 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import os
@@ -198,7 +199,13 @@ def load_results(results_dir: Path, stages: list[str] | None = None) -> dict[str
     for stage in stages:
         path = results_dir / f"{stage}.json"
         if not path.is_file():
-            raise UserError(f"no eval result for stage {stage!r} at {path}: run `rkl eval --stage {stage}` first")
+            have = sorted(p.stem for p in results_dir.glob("*.json")
+                          if p.name not in COMPARE_ARTEFACTS and _read(p) is not None)
+            known = f"evaluated so far: {', '.join(have)}" if have else "nothing is evaluated yet"
+            close = difflib.get_close_matches(stage, have, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"no eval result for stage {stage!r} in {results_dir} ({known}); {hint}evaluate it with "
+                            f"`rkl eval --stage {stage}` (a stage without a convention needs --model)")
         data = _read(path)
         if data is None:
             raise UserError(f"{path} is not an eval result (no 'metrics'): re-run `rkl eval --stage {stage}`")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
+from rkl.model.weights import read_safetensors
 
 LORA_FILE = "lora.safetensors"
 UNFROZEN_FILE = "unfrozen.safetensors"
@@ -155,11 +156,11 @@ def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Pa
             inject_lora(base, shape)
         device = next(base.parameters()).device
         try:
-            set_peft_model_state_dict(base, load_file(str(folder / LORA_FILE), device=str(device)))
+            set_peft_model_state_dict(base, read_safetensors(folder / LORA_FILE, device=str(device)))
         except RuntimeError as e:
             raise UserError(f"LoRA weights in {folder} do not fit this base ({str(e).splitlines()[0]})") from None
     if (folder / UNFROZEN_FILE).is_file():
-        state = load_file(str(folder / UNFROZEN_FILE))
+        state = read_safetensors(folder / UNFROZEN_FILE)
         keep_layers_float32(base, sorted({int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}))
         try:
             result = base.load_state_dict(state, strict=False)

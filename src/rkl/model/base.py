@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, KimiLinearConfig, KimiLinearForCausalLM,
 
 from rkl.errors import UserError
 from rkl.model.kernels import use_small_reference_kda_chunks
+from rkl.model.weights import check_weight_files
 from rkl.paths import configs_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -70,6 +71,7 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
         kwargs = {"dtype": torch_dtype or "auto"}
         if device_map is not None:
             kwargs["device_map"] = device_map
+        check_weight_files(path)
         base = KimiLinearForCausalLM.from_pretrained(path, **kwargs)
         return base, load_tokenizer(path)
     if str(model) in preset_names():

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import KimiLinearConfig
 
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 from rkl.model.base import check_kimi_linear_folder, is_checkpoint_dir, load_base, preset_config, preset_names, resolve_dtype
 from rkl.model.adapters import load_base_changes
+from rkl.model.weights import check_weight_files, read_safetensors
 from rkl.model.wrapper import ChunkRefineWrapper, build_sidecar
 from rkl.paths import configs_dir
 from rkl.train.checkpoint import atomic_dir
@@ -50,6 +51,7 @@ def base_fingerprint(model: str | Path) -> tuple[str, str]:
         if not is_checkpoint_dir(path):
             raise UserError(f"{path} has no config.json: not a model checkpoint folder")
         check_kimi_linear_folder(path)
+        check_weight_files(path)  # a base that cannot be fully read is refused, not built upon
         h.update(b"config.json\0" + (path / "config.json").read_bytes())
         for f in sorted(path.iterdir()):
             if f.name.endswith(".index.json"):
@@ -166,7 +168,7 @@ def load_model_with_config(model: str | Path, config: RecursiveConfig | None = N
         tokenizer = load_tokenizer(folder)
     wrapper = ChunkRefineWrapper(base, cfg)
     if wrapper.enabled and folder is not None and (folder / SIDECAR_FILE).is_file():
-        wrapper.load_sidecar_state_dict(load_file(str(folder / SIDECAR_FILE)), source=str(folder / SIDECAR_FILE))
+        wrapper.load_sidecar_state_dict(read_safetensors(folder / SIDECAR_FILE), source=str(folder / SIDECAR_FILE))
     return wrapper, tokenizer, cfg
 
 

@@ -178,6 +178,11 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     accelerator = make_accelerator(config)
     source = resume_source(run)
     if not Path(source).is_dir():
+        from rkl.model.base import preset_names
+
+        if source in preset_names():
+            raise UserError(f"phase {run.phase} refines a surgery or phase checkpoint, and '{source}' is a model preset; "
+                            f"run `rkl surgery --model {source}` first and pass its --out as --model")
         raise UserError(f"phase {run.phase} starts from {source}, which does not exist; run the previous stage "
                         "first (surgery for a, phase a for b, phase b for c) or pass --model")
     if not (Path(source) / SURGERY_FILE).is_file():
