@@ -139,3 +139,10 @@ def test_compare_of_a_missing_stage_lists_what_is_evaluated(tmp_path, monkeypatc
 def test_a_recursive_phase_from_a_preset_says_to_run_surgery(tmp_path):
     msg = user_error(["train", "--phase", "a", "--model", "tiny", "--out", str(tmp_path / "x")], tmp_path)
     assert "is a model preset" in msg and "rkl surgery --model tiny" in msg
+
+
+def test_a_field_the_phase_does_not_read_is_refused(tmp_path):
+    msg = user_error(["train", "--phase", "a", "--set", "lr=0.1", "--out", str(tmp_path / "x")], tmp_path)
+    assert "lr is not used by phase a" in msg and "lr_refine" in msg
+    msg = user_error(TINY_RUN + ["--set", "lambda_keep=2", "--out", str(tmp_path / "y")], tmp_path)
+    assert "lambda_keep is not used by phase pretrain" in msg

@@ -91,7 +91,7 @@ def test_config_resolution_order(tmp_path):
     assert load_model_with_config(out, config=explicit, config_path=path)[2].chunk_width == 2  # explicit wins
     assert load_model_with_config("tiny")[2] == RecursiveConfig()  # nothing given: the defaults
     assert load_model_with_config("tiny", recursive_enabled=False)[0].refine_cells is None
-    with pytest.raises(UserError, match=r"sidecar.*recursive config"):
+    with pytest.raises(UserError, match=r"d_state: the sidecar in .* was built with 8, the config asks for 16"):
         load_model_with_config(out, config=RecursiveConfig(d_state=16))
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from rkl.config import RecursiveConfig
+from rkl.config import RecursiveConfig, unused_by_phase
 from rkl.determinism import set_deterministic
 from rkl.errors import UserError
 from rkl.paths import PHASE_STAGES, checkpoint_dir, logs_dir, stage_config_path
@@ -88,6 +88,9 @@ def train(
         raise UserError(f"unknown phase '{phase}' (phases: {', '.join(PHASES)})")
     set_deterministic(deterministic)
     stage = PHASE_STAGES[phase]
+    unused = unused_by_phase([item.split("=", 1)[0].strip() for item in set_ or []], phase)
+    if unused:
+        raise UserError("; ".join(unused))
     config = resolve_config("pretrain" if phase == "pretrain" else stage, recursive_config, set_,
                             steps=steps, batch_size=batch_size)
     out = out or checkpoint_dir(stage)

@@ -210,6 +210,29 @@ class RecursiveConfig:
         return rows
 
 
+# The sidecar's shape: written at surgery, read back from every checkpoint, never changed by a later stage.
+SHAPE_FIELDS = ("refine_cell_type", "d_state", "gate_hidden", "layers_to_refine", "use_latent_token")
+# Fields that only some training phases read: `--set` of one on a phase that ignores it is refused.
+LM_ONLY_FIELDS = ("lr",)
+REFINE_ONLY_FIELDS = ("lr_refine", "lr_boundary", "lr_latent", "lr_lora", "lr_unfrozen", "lambda_final",
+                      "lambda_masked", "lambda_halt", "lambda_ponder", "lambda_keep", "draft_share",
+                      "draft_share_final", "draft_schedule", "splice_share", "corruption_rate",
+                      "corruption_rate_final", "corruption_schedule", "corruption_mask", "lora_rank", "lora_alpha",
+                      "lora_layers", "unfreeze_every", "l2_to_pretrained")
+
+
+def unused_by_phase(keys: list[str], phase: str) -> list[str]:
+    """One message per key that `phase` does not read (empty when all are read)."""
+    out = []
+    for key in keys:
+        if key in LM_ONLY_FIELDS and phase in ("a", "b", "c"):
+            out.append(f"{key} is not used by phase {phase}; its learning rates are lr_refine, lr_boundary, "
+                       "lr_latent (and lr_lora, lr_unfrozen)")
+        elif key in REFINE_ONLY_FIELDS and phase in ("pretrain", "vanilla"):
+            out.append(f"{key} is not used by phase {phase} (it trains the base alone; its learning rate is lr)")
+    return out
+
+
 # Keys of configs written before the length head was replaced by the commit rule (2026-11-22): renamed keys map to
 # their new names, keys of removed features are dropped, so every saved recursive_config.json keeps loading.
 RENAMED_KEYS = {"scheduled_sampling": "draft_schedule", "scheduled_sampling_final": "draft_share_final",

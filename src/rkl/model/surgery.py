@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import KimiLinearConfig
 
-from rkl.config import RecursiveConfig
+from rkl.config import SHAPE_FIELDS, RecursiveConfig
 from rkl.errors import UserError
 from rkl.model.base import check_kimi_linear_folder, is_checkpoint_dir, load_base, preset_config, preset_names, resolve_dtype
 from rkl.model.adapters import load_base_changes
@@ -160,6 +160,13 @@ def load_model_with_config(model: str | Path, config: RecursiveConfig | None = N
                 warnings.warn(f"base {base_ref} differs from the one surgery checkpoint {folder} was made for "
                               "(config or weight files changed); its sidecar may not fit this base", stacklevel=2)
     cfg = _resolve_config(folder, config, config_path, recursive_enabled)
+    if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / SIDECAR_FILE).is_file():
+        saved = RecursiveConfig.from_file(folder / CONFIG_FILE)
+        for name in SHAPE_FIELDS:
+            if getattr(cfg, name) != getattr(saved, name):
+                raise UserError(f"{name}: the sidecar in {folder} was built with {getattr(saved, name)!r}, the config "
+                                f"asks for {getattr(cfg, name)!r}; the sidecar's shape comes from its checkpoint: "
+                                f"drop {name} from the stage file or --set (or run surgery again with it)")
     base, tokenizer = load_base(base_ref, dtype=dtype, device_map=device_map, seed=0)
     if folder is not None:
         load_base_changes(base, cfg, folder)  # LoRA / unfrozen layers of a phase B/C checkpoint
