@@ -19,6 +19,7 @@ from rich.console import Console
 
 from rkl.config import RecursiveConfig, unused_by_phase
 from rkl.determinism import set_deterministic
+from rkl.train.checkpoint import recover_checkpoint
 from rkl.errors import UserError
 from rkl.paths import PHASE_STAGES, checkpoint_dir, logs_dir, stage_config_path
 
@@ -94,6 +95,8 @@ def train(
     config = resolve_config("pretrain" if phase == "pretrain" else stage, recursive_config, set_,
                             steps=steps, batch_size=batch_size)
     out = out or checkpoint_dir(stage)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover_checkpoint(out)  # a run killed inside a checkpoint save leaves its last whole checkpoint in place
     saved = out / "recursive_config.json"
     if resume and steps is None and saved.is_file():
         config = config.replace(steps=RecursiveConfig.from_file(saved).steps)  # the run's own length

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,32 @@ from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 
 TRAINING_STATE = "training_state.pt"
+COMPLETE = "COMPLETE"  # the last file a training checkpoint gets: a folder without it is half-written
+_FAULT_STEP: list[int] = [0]  # the step being saved, for fault injection
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Test-only fault injection: RKL_FAULT=<name>:<step> kills this process with SIGKILL at that point (the kill
+    tests use it to die inside a checkpoint save, between its renames, or after an optimizer step)."""
+    want = os.environ.get("RKL_FAULT")
+    if want and want == f"{name}:{step if step is not None else _FAULT_STEP[0]}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def recover_checkpoint(final: Path) -> None:
+    """Repair what a kill inside `atomic_dir` can leave: if `final` is missing, the newest complete sibling
+    (`final.tmp-*` with COMPLETE, else the moved-aside `final.old-*`) becomes `final`; leftovers are removed.
+    A half-written folder is never picked up."""
+    final = Path(final)
+    tmps = sorted(final.parent.glob(f"{final.name}.tmp-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    olds = sorted(final.parent.glob(f"{final.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not final.exists():
+        whole = [p for p in tmps if (p / COMPLETE).is_file()] + [p for p in olds if (p / COMPLETE).is_file()]
+        if whole:
+            whole[0].rename(final)
+    for p in tmps + olds:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @contextmanager
@@ -40,10 +67,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point("save")
     old = None
     if final.exists():
         old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
         final.rename(old)
+    fault_point("swap")
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -72,6 +101,7 @@ def save_checkpoint(out_dir: Path, save_weights: Callable[[Path], None], config:
         (tmp / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE)
+        (tmp / COMPLETE).write_text(str(meta.get("step", "")) + "\n")  # written last: the folder is whole
 
 
 def load_training_state(ckpt_dir: Path) -> dict | None:

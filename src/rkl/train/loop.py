@@ -32,7 +32,8 @@ from torch.utils.tensorboard import SummaryWriter
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 from rkl.runmeta import peak_memory_mib
-from rkl.train.checkpoint import RunLock, load_training_state, rng_state, save_checkpoint, set_rng_state
+from rkl.train.checkpoint import (_FAULT_STEP, RunLock, fault_point, load_training_state, rng_state, save_checkpoint,
+                                  set_rng_state)
 from rkl.train.optim import build_optimizer, build_scheduler
 
 
@@ -122,11 +123,14 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             start = state["step"]
-    writer = SummaryWriter(str(log_dir), purge_step=start if start else None) if main else _NoWriter()
+    # a resumed run logs steps start + 1 onward: hide what a killed run logged from there on (not the checkpoint step)
+    writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None) if main else _NoWriter()
     result = TrainResult(steps_done=start)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
 
     def checkpoint(step: int) -> None:
+        _FAULT_STEP[0] = step
+        writer.flush()  # every logged step up to a checkpoint is on disk with it: a resume from it loses no point
         if main:
             training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "rng": rng_state(), "step": step}
@@ -181,6 +185,7 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.steps_done = step + 1  # from here on, an interrupt checkpoints this step
+                fault_point("step", step + 1)
                 elapsed = time.perf_counter() - t0
                 scalars.update(grad_norm=float(grad_norm), tokens_per_s=scalars.get("tokens", 0.0) / elapsed,
                                skipped_steps=float(skipped))
