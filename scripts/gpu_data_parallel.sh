@@ -10,10 +10,11 @@ CUDA_VISIBLE_DEVICES=0 python3 -m rkl "${A[@]}" --out "$W/dp1" 2>&1 | tail -1
 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
   -m rkl "${A[@]}" --out "$W/dp2" 2>&1 | tail -1
 python3 - <<'PY'
+import glob
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 rates = {}
 for run in ("dp1", "dp2"):
-    acc = EventAccumulator(f"logs/{run}"); acc.Reload()
+    acc = EventAccumulator(glob.glob(f"logs/*{run}")[0]); acc.Reload()  # logs/<the --out path, joined by __>
     tps = sorted(e.value for e in acc.Scalars("train/tokens_per_s")[2:])  # the first steps warm up
     loss = [round(e.value, 4) for e in acc.Scalars("val/loss")]
     rates[run] = tps[len(tps) // 2]

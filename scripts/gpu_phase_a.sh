@@ -17,7 +17,7 @@ python3 - "$W" <<'PY'
 import glob, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 for run in ("baseline", "phase_a_w64", "phase_a_w16"):  # baseline = the pretrain run: forward+backward at T = 1024
-    acc = EventAccumulator(f"logs/{run}"); acc.Reload()
+    acc = EventAccumulator(glob.glob(f"logs/*{run}")[0]); acc.Reload()  # logs/<the --out path, joined by __>
     tps = sorted(e.value for e in acc.Scalars("train/tokens_per_s"))[1:]  # drop the first (warm-up) step
     mem = max(e.value for e in acc.Scalars("train/peak_mem_gib"))
     print(f"{run}: median tokens/s {tps[len(tps) // 2]:.0f}, peak {mem:.1f} GiB")

@@ -31,7 +31,7 @@ import sys, glob
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 out = sys.argv[1]
 for run in ("baseline", "phase_a"):
-    for d in sorted(glob.glob(f"logs/{run}")):
+    for d in sorted(glob.glob(f"logs/*__{run}")):  # logs/<the --out path, joined by __>
         acc = EventAccumulator(d); acc.Reload()
         tags = acc.Tags()["scalars"]
         tps = [e.value for e in acc.Scalars("train/tokens_per_s")] if "train/tokens_per_s" in tags else []

@@ -146,3 +146,11 @@ def test_a_field_the_phase_does_not_read_is_refused(tmp_path):
     assert "lr is not used by phase a" in msg and "lr_refine" in msg
     msg = user_error(TINY_RUN + ["--set", "lambda_keep=2", "--out", str(tmp_path / "y")], tmp_path)
     assert "lambda_keep is not used by phase pretrain" in msg
+
+
+def test_two_runs_with_the_same_folder_name_never_share_tensorboard_logs(tmp_path, monkeypatch):
+    from rkl.paths import checkpoint_dir, logs_dir, run_log_dir
+
+    assert run_log_dir(checkpoint_dir("phase_a")) == logs_dir() / "phase_a"  # what rkl compare reads
+    a, b = run_log_dir(tmp_path / "x" / "phase_a"), run_log_dir(tmp_path / "y" / "phase_a")
+    assert a != b and a.parent == b.parent == logs_dir() and a.name.endswith("x__phase_a")

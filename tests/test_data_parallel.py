@@ -30,7 +30,7 @@ def rkl(cwd: Path, args: list[str], processes: int = 1) -> None:
 
 
 def curve(cwd: Path, run: str, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(cwd / "logs" / run))
+    acc = EventAccumulator(str(cwd / "logs" / f"ck__{run}"))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
@@ -58,7 +58,7 @@ def test_two_processes_follow_one_process_at_the_same_global_batch(runs):
     assert json.loads((runs / "ck/two/run.json").read_text())["world_size"] == 2
     assert json.loads((runs / "ck/one/run.json").read_text())["world_size"] == 1
     # one writer: a single TensorBoard event stream per run (the first rank's)
-    assert len(list((runs / "logs" / "two").glob("events.out.tfevents.*"))) == 1
+    assert len(list((runs / "logs" / "ck__two").glob("events.out.tfevents.*"))) == 1
     tokens = curve(runs, "two", "train/tokens_per_s")
     assert tokens and all(v > 0 for _, v in tokens)
 

@@ -49,7 +49,7 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(tmp_path):
     assert state["step"] == 6
 
     def curve(run: str) -> list[tuple[int, float]]:
-        acc = EventAccumulator(str(tmp_path / "logs" / run))
+        acc = EventAccumulator(str(tmp_path / "logs" / f"ck__{run}"))
         acc.Reload()
         return [(e.step, e.value) for e in acc.Scalars("train/loss/total")]
 

@@ -21,7 +21,7 @@ from rkl.config import RecursiveConfig, unused_by_phase
 from rkl.determinism import set_deterministic
 from rkl.train.checkpoint import recover_checkpoint
 from rkl.errors import UserError
-from rkl.paths import PHASE_STAGES, checkpoint_dir, logs_dir, stage_config_path
+from rkl.paths import PHASE_STAGES, checkpoint_dir, run_log_dir, stage_config_path
 
 app = typer.Typer(help="Recursive refinement (TRM-style latent recursion) for Kimi-Linear.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -104,7 +104,7 @@ def train(
         raise UserError(f"{out} already holds a checkpoint; continue that run with --resume, or pass --overwrite "
                         "to start over and replace it")
     run = PhaseRun(phase=phase, config=config, model=model or default_init(phase), out=out,
-                   log_dir=logs_dir() / out.name, resume=resume, stop_at=stop_at, dtype=dtype)
+                   log_dir=run_log_dir(out), resume=resume, stop_at=stop_at, dtype=dtype)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"[bold]rkl train[/] phase={phase} from={run.model} -> {out}  (TensorBoard: {run.log_dir})")
     result = run_phase(run)

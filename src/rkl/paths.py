@@ -49,3 +49,17 @@ def logs_dir() -> Path:
 
 def eval_results_dir() -> Path:
     return project_root() / "eval_results"
+
+
+def run_log_dir(out: Path) -> Path:
+    """TensorBoard folder of a training run writing `out`: logs/<stage> for the conventional checkpoints/<stage>
+    (what `rkl compare` reads), else a name derived from the whole path, so `x/phase_a` and `y/phase_a` never share
+    one (logs/x__phase_a, logs/y__phase_a)."""
+    out = Path(out).resolve()
+    if out.parent == (project_root() / "checkpoints").resolve():
+        return logs_dir() / out.name
+    try:
+        rel = out.relative_to(project_root().resolve())
+    except ValueError:
+        rel = Path(*out.parts[1:])  # outside the project: the absolute path without its root
+    return logs_dir() / "__".join(rel.parts)
