@@ -154,3 +154,15 @@ def test_two_runs_with_the_same_folder_name_never_share_tensorboard_logs(tmp_pat
     assert run_log_dir(checkpoint_dir("phase_a")) == logs_dir() / "phase_a"  # what rkl compare reads
     a, b = run_log_dir(tmp_path / "x" / "phase_a"), run_log_dir(tmp_path / "y" / "phase_a")
     assert a != b and a.parent == b.parent == logs_dir() and a.name.endswith("x__phase_a")
+
+
+def test_ctrl_c_before_the_first_step_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    from rkl.train.lm import LMTask
+
+    def interrupted(self, step, micro):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LMTask, "loss", interrupted)
+    result = runner.invoke(app, TINY_RUN + ["--steps", "2", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 130
+    assert "nothing to resume" in result.output and not (tmp_path / "x" / "training_state.pt").exists()
