@@ -186,3 +186,14 @@ def test_chunk_width_override_is_its_own_result_name(tmp_path):
     assert config.chunk_width == 16 and changed
     config, _, changed = resolve_eval_config("phase_a", None, path, [], 8)
     assert config.chunk_width == 8 and not changed
+
+
+def test_cli_eval_prints_its_headline_metrics_and_progress_lines(env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(stage_config_path("baseline").parent)
+    result = CliRunner().invoke(app, ["eval", "--stage", "b", "--model", str(env["root"] / "base"), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "perplexity" in out and "arith_exact" in out and "saved" in out
+    assert "eval chunks: 2 examples in" in out  # not a terminal: one line per finished group
+    assert (tmp_path / "eval_results" / "b.json").is_file()

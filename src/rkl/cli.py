@@ -162,6 +162,13 @@ def eval_(
     set_deterministic(deterministic)
     result = run_eval(stage, model=model, config_path=recursive_config, overrides=set_ or [],
                       chunk_width=chunk_width, limit=limit, dtype=dtype)
+    import json
+
+    m = json.loads(result.read_text())["metrics"]
+    heads = [("perplexity", "{:.3f}"), ("arith_exact", "{:.1%}"), ("restore_acc_1", "{:.1%}"),
+             ("restore_acc_k", "{:.1%}"), ("draft_acc", "{:.1%}"), ("draft_acc_refined", "{:.1%}"),
+             ("tpot_uplift", "{:.2f}x"), ("cont_mean_committed", "{:.2f}"), ("cont_tpot_uplift", "{:.2f}x")]
+    console.print("  ".join(f"{k} {f.format(m[k])}" for k, f in heads if k in m), soft_wrap=True)
     console.print(f"[green]saved[/] {result}")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rkl.config import RecursiveConfig
@@ -229,10 +230,13 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     with progress, torch.no_grad(), cpu_threads(wrapper):
         threads = torch.get_num_threads()
         bars = {name: progress.add_task(f"eval {name}", total=n) for name, (n, _) in runs.items()}
-        for name, (_, fn) in runs.items():
+        plain = show_progress and not Console().is_terminal  # a log file: rich draws nothing there until the end
+        for name, (n, fn) in runs.items():
             t0 = time.perf_counter()
             groups.append(fn(lambda k, bar=bars[name]: progress.advance(bar, k)))
             timings[f"{name}_s"] = time.perf_counter() - t0
+            if plain:
+                print(f"eval {name}: {n} examples in {timings[f'{name}_s']:.1f} s", file=sys.stderr, flush=True)
 
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}
