@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rkl.data.prompts import apply_prompt_convention
 from rkl.errors import UserError
 
 # ids 0, 1, 2: the model presets in configs/models/*.json use pad 0, bos 1, eos 2.
@@ -51,7 +52,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, exact: bool = True) -
                         "train on more text or lower the vocabulary size")
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, f"special token {t} got id {tok.token_to_id(t)}, expected {i}"
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         bos_token="<bos>",
@@ -60,3 +61,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, exact: bool = True) -
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 30,
     )
+    return apply_prompt_convention(fast)  # a prompt starts with <eos>, never <bos> (rkl.data.prompts)

@@ -10,6 +10,7 @@ import torch
 
 from rkl.config import RecursiveConfig
 from rkl.data.arithmetic import arithmetic_problems
+from rkl.data.prompts import encode_prompt
 
 NGRAM_ORDERS = (1, 2, 3, 4)
 
@@ -32,7 +33,7 @@ class DriftProbe:
         self.wrapper, self.tokenizer, self.device, self.new_tokens = wrapper, tokenizer, device, new_tokens
         prompts = [p.prompt for p in arithmetic_problems("val", config.arithmetic_digits, n=4)]
         prompts += ["def ", "class ", "KING HENRY.\n", "import "]
-        self.prompts = [torch.tensor([tokenizer.encode(p)], device=device) for p in prompts]
+        self.prompts = [torch.tensor([encode_prompt(tokenizer, p)], device=device) for p in prompts]
         self.reference = self.generate(reference_model)
 
     @torch.no_grad()
