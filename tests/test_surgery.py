@@ -23,11 +23,17 @@ def base_dir(tmp_path_factory):
     return path
 
 
-def test_surgery_on_a_preset_writes_only_the_sidecar(tmp_path):
-    cfg = RecursiveConfig(use_latent_token=True, layers_to_refine=[0, 2])
+def test_surgery_on_a_preset_writes_the_sidecar_and_a_tokenizer(tmp_path):
+    """A preset has random weights and no tokenizer (the 48B architecture for smoke tests): surgery trains one on the
+    config's data so that eval and phase A run on the folder; the base weights are never written."""
+    cfg = RecursiveConfig(use_latent_token=True, layers_to_refine=[0, 2], max_chars_per_source=20_000)
     info = run_surgery("tiny", cfg, tmp_path / "after_surgery")
     out = tmp_path / "after_surgery"
-    assert sorted(p.name for p in out.iterdir()) == ["recursive_config.json", "sidecar.safetensors", "surgery.json"]
+    names = {p.name for p in out.iterdir()}
+    assert {"recursive_config.json", "sidecar.safetensors", "surgery.json", "tokenizer.json"} <= names
+    assert [n for n in names if n.endswith(".safetensors")] == ["sidecar.safetensors"]  # no base weights
+    wrapper, tokenizer, _ = load_model_with_config(out)
+    assert tokenizer is not None and len(tokenizer) <= wrapper.base.config.vocab_size
     assert not list(tmp_path.glob("*.tmp-*"))
     meta = json.loads((out / "surgery.json").read_text())
     assert meta["base"] == "preset:tiny" and len(meta["base_sha256"]) == 64
@@ -39,7 +45,7 @@ def test_surgery_on_a_preset_writes_only_the_sidecar(tmp_path):
     assert {k.split(".")[1] for k in state if k.startswith("refine_cells")} == {"0", "2"}
 
     wrapper, tok, loaded_cfg = load_model_with_config(out)
-    assert tok is None and loaded_cfg == cfg
+    assert tok is not None and loaded_cfg == cfg
     assert wrapper.num_sidecar_params() == meta["sidecar_params"]
     for k, v in wrapper.sidecar_state_dict().items():
         assert torch.equal(v, state[k]), k

@@ -415,3 +415,64 @@ def test_edit_margin_keeps_only_confident_edits(bases):
             assert torch.equal(changed[margin], moved & (gain > 0.5))
     assert changed[0.0].any() and not changed[1e6].any()
     assert (changed[0.5] <= changed[0.0]).all() and changed[0.5].sum() < changed[0.0].sum()
+
+
+# ------------------------------------------------------------------------------------ gradient checkpointing
+def _saved_bytes_and_grads(base, checkpointing: bool, latent: bool, policy: str):
+    """Refine a chunk with grad, backprop a loss on every step; (bytes autograd saved outside checkpointed regions,
+    the sidecar's gradients, the LoRA-free base input-embedding gradient)."""
+    w = wrap(base, max_inner_steps=3, refine_cell_type="chunk_attention", use_latent_token=latent, chunk_width=5,
+             gradient_checkpointing=checkpointing)
+    randomize_outputs(w)
+    w.train()
+    ids, mask, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, prefix_ids=ids,
+                             cache_reset_policy=policy)
+        target = torch.roll(chunk, 1, dims=1)
+        loss = sum(F.cross_entropy(lg.flatten(0, 1), target.flatten()) for lg in res.logits)
+        loss = loss + sum(F.binary_cross_entropy_with_logits(c, torch.ones_like(c)) for c in res.commit_logits)
+    loss.backward()
+    w.remove_hooks()
+    grads = {n: p.grad.clone() for n, p in w.named_parameters() if not n.startswith("base.")}
+    return sum(saved), grads, [lg.detach() for lg in res.logits]
+
+
+@pytest.mark.parametrize("latent,policy", [(False, "keep_kda_recurrent_reset_mla"), (True, "keep_kda_recurrent_reset_mla"),
+                                           (False, "reset_all")])
+def test_step_checkpointing_keeps_the_cached_prefix_and_the_gradients(bases, latent, policy):
+    """gradient_checkpointing recomputes each inner step from the snapshot in backward: the same logits and the same
+    sidecar gradients (the recompute sees the cached prefix, unlike transformers' per-layer checkpointing), with a
+    fraction of the saved activations."""
+    base = bases["float32"]
+    for p in base.parameters():
+        p.requires_grad_(False)
+    try:
+        plain_bytes, plain, plain_logits = _saved_bytes_and_grads(base, False, latent, policy)
+        ckpt_bytes, ckpt, ckpt_logits = _saved_bytes_and_grads(base, True, latent, policy)
+    finally:
+        for p in base.parameters():
+            p.requires_grad_(True)
+        base.eval()
+    for a, b in zip(plain_logits, ckpt_logits):
+        assert torch.equal(a, b)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_step_checkpointing_refuses_keep_all(bases):
+    w = wrap(bases["float32"], max_inner_steps=2, gradient_checkpointing=True)
+    w.train()
+    *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+    with pytest.raises(RuntimeError, match="keep_all"):
+        w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, cache_reset_policy="keep_all")
+    w.remove_hooks()
+    bases["float32"].eval()

@@ -75,15 +75,37 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
         base = KimiLinearForCausalLM.from_pretrained(path, **kwargs)
         return base, load_tokenizer(path)
     if str(model) in preset_names():
-        torch.manual_seed(seed)
-        base = KimiLinearForCausalLM(preset_config(str(model)))
-        if torch_dtype is not None:
-            base = base.to(torch_dtype)
-        if device_map not in (None, "cpu"):
-            base = base.to("cuda" if device_map == "auto" else device_map)
-        return base, None
+        return build_preset(str(model), torch_dtype, device_map, seed), None
     raise UserError(f"'{model}' is neither a checkpoint folder nor a preset (presets: {', '.join(preset_names())}); "
                     "train the base first with `rkl train --phase pretrain`")
+
+
+def preset_device(device_map: str | dict | None) -> torch.device:
+    """Where a preset is built: on the GPU when there is one (a 48B preset does not fit a host's memory in fp32,
+    and building it there takes seconds), unless the caller asks for the CPU."""
+    if device_map == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if isinstance(device_map, str) and device_map not in ("auto", "cuda"):
+        return torch.device(device_map)
+    return torch.device("cuda")
+
+
+def build_preset(name: str, dtype: torch.dtype | None = None, device_map: str | dict | None = None,
+                 seed: int = 0) -> KimiLinearForCausalLM:
+    """A randomly initialised preset, seeded, built directly on its device (see preset_device).
+
+    It is built in the preset's own `dtype` when its JSON declares one (the 48B preset: bfloat16, 91.5 GiB instead
+    of 183 GiB), else in float32, and then cast to `dtype` if that differs: so the small presets' weights do not
+    depend on the dtype asked for beyond its rounding, and every stage that rebuilds a preset (surgery, eval,
+    training) gets the same weights on the same device."""
+    config = preset_config(name)
+    declared = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
+    torch.manual_seed(seed)
+    with torch.device(preset_device(device_map)):
+        base = KimiLinearForCausalLM._from_config(config, dtype=declared)
+    if dtype is not None and dtype != declared:
+        base = base.to(dtype)
+    return base
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -82,10 +82,11 @@ def _config_dtype(cfg: KimiLinearConfig) -> torch.dtype:
 
 
 def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: str | Path,
-            dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+            dtype: str | torch.dtype | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Write a surgery checkpoint for a base; returns {"out", "base", "base_sha256", "sidecar_params",
     "sidecar_bytes", "dtype"}. The sidecar is neutral (surgery changes no output) and float32 whatever the base's
-    dtype ("dtype" records the base's): it is what trains."""
+    dtype ("dtype" records the base's): it is what trains. `tokenizer`, if given, is saved in the folder (a preset
+    base has none of its own)."""
     if not config.recursive_enabled:
         raise UserError("surgery builds the recursive sidecar, but the config has recursive_enabled=false; "
                         "set recursive_enabled=true (e.g. configs/after_surgery.json)")
@@ -105,12 +106,26 @@ def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: s
         save_file(state, str(tmp / SIDECAR_FILE), metadata={"format": "pt"})
         config.save(tmp / CONFIG_FILE)
         (tmp / SURGERY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return {"out": str(out), **info}
 
 
 def run_surgery(model: str, config: RecursiveConfig, out: Path) -> dict[str, Any]:
-    """What `rkl surgery` calls: `surgery(model, config, out)`; the dict has sidecar_params and sidecar_bytes."""
-    return surgery(model, config, out)
+    """What `rkl surgery` calls: `surgery(model, config, out)`; the dict has sidecar_params and sidecar_bytes.
+
+    A preset base (random weights: the 48B architecture for smoke tests and benchmarks) has no tokenizer, so one is
+    trained on the config's training data, as pretrain does, and saved with the sidecar: `rkl eval` and
+    `rkl train --phase a` then run on the folder like on any other."""
+    tokenizer = None
+    if not Path(model).is_dir() and model in preset_names():
+        from rkl.data.corpora import load_documents
+        from rkl.data.tokenizer import train_tokenizer
+
+        docs = load_documents(config.data, "train", arithmetic_digits=config.arithmetic_digits,
+                              max_chars=config.max_chars_per_source)
+        tokenizer = train_tokenizer(docs, preset_config(model).vocab_size, exact=False)
+    return surgery(model, config, out, tokenizer=tokenizer)
 
 
 def _resolve_config(folder: Path | None, config: RecursiveConfig | None, config_path: str | Path | None,

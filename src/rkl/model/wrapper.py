@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from rkl.config import RecursiveConfig
@@ -300,6 +301,16 @@ class ChunkRefineWrapper(nn.Module):
                                "chunk could not see its cached prefix; turn it off for refinement passes or use "
                                "cache_reset_policy='reset_all'")
 
+    def _checkpoint_steps(self, policy: str) -> bool:
+        """Whether refine_chunk recomputes each inner step in backward (config.gradient_checkpointing, training
+        with grad). keep_all continues one live cache across steps, so its steps cannot be recomputed alone."""
+        if not (self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return False
+        if policy == "keep_all":
+            raise RuntimeError("gradient_checkpointing recomputes each inner step from the chunk-start snapshot; "
+                               "cache_reset_policy='keep_all' carries one cache across steps: use the default policy")
+        return True
+
     @torch.no_grad()
     def prepare_prefix(self, prefix_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                        ) -> tuple[CacheSnapshot, torch.Tensor]:
@@ -392,7 +403,6 @@ class ChunkRefineWrapper(nn.Module):
             deltas = {i: self.refine_cells[str(i)].delta(states[i]) for i in self.layers_to_refine}
             if policy == "reset_all":
                 x = torch.cat([embed(prefix_ids), x], 1)
-                cache = new_cache(self.base.config, grad_friendly=True) if use_z else None
                 mask, pos, start = attention_mask, pos_all, p_len
             else:
                 if policy == "keep_all" and cache is not None:
@@ -400,19 +410,40 @@ class ChunkRefineWrapper(nn.Module):
                     mask = torch.cat([attention_mask[:, :p_len], ones(extra), chunk_mask], 1)
                     pos = positions_from_mask(mask)[:, -w:]
                 else:
-                    cache = restore_cache(snapshot, grad_friendly=True)
                     mask, pos = attention_mask, pos_all[:, p_len:]
                 start = 0
-            pass_state = _Pass(deltas, start=start, width=w)
-            hidden = self._run(x, mask, pos, cache, pass_state)
-            if use_z:
-                # [Z] is a second, one-position forward continuing the working cache: the text positions' forward
-                # is then exactly the one without [Z] (bitwise, not just causally equal), and [Z] sees it all.
-                z_mask = torch.cat([mask, ones(1)], 1)
-                z_pos = pos[:, -1:] + 1
-                z = self.latent_token(b).to(device=x.device, dtype=x.dtype)
-                z_hidden = self._run(z, z_mask, z_pos, cache, None)[:, -1]
-            h_text = hidden[:, start:start + w]
+            fresh_cache = policy != "keep_all" or t == 0  # cache built inside the step: the step can be recomputed
+
+            def step_forward(x: torch.Tensor, *delta_list: torch.Tensor | None, cache=cache, mask=mask, pos=pos,
+                             start=start, fresh_cache=fresh_cache):
+                """One inner step's forward: (chunk hidden states, [Z]'s hidden state or None, per-layer hidden
+                states at the chunk positions for the cells). A pure function of its inputs and the snapshot when
+                the step builds its own cache, which is what lets it be recomputed in backward."""
+                if fresh_cache:
+                    cache = (restore_cache(snapshot, grad_friendly=True) if policy != "reset_all"
+                             else new_cache(self.base.config, grad_friendly=True) if use_z else None)
+                pass_state = _Pass(dict(zip(self.layers_to_refine, delta_list)), start=start, width=w)
+                hidden = self._run(x, mask, pos, cache, pass_state)
+                z_hidden = None
+                if use_z:
+                    # [Z] is a second, one-position forward continuing the working cache: the text positions'
+                    # forward is then exactly the one without [Z] (bitwise, not just causally equal), and [Z] sees
+                    # it all.
+                    z = self.latent_token(b).to(device=x.device, dtype=x.dtype)
+                    z_hidden = self._run(z, torch.cat([mask, ones(1)], 1), pos[:, -1:] + 1, cache, None)[:, -1]
+                layer_hidden = tuple(pass_state.hidden[i] for i in self.layers_to_refine)
+                return hidden[:, start:start + w], z_hidden, layer_hidden, cache
+
+            delta_list = [deltas[i] for i in self.layers_to_refine]
+            if self._checkpoint_steps(policy):
+                # Recompute this step's activations in backward instead of keeping them: memory for K steps of the
+                # full model drops to about one step's. The step restores its cache from the snapshot inside
+                # (transformers' own checkpointing would run the chunk without its cached prefix).
+                h_text, z_hidden, layer_hidden, cache = torch.utils.checkpoint.checkpoint(
+                    step_forward, x, *delta_list, use_reentrant=False)
+            else:
+                h_text, z_hidden, layer_hidden, cache = step_forward(x, *delta_list)
+            hidden_by_layer = dict(zip(self.layers_to_refine, layer_hidden))
             chunk_logits = lm_head(h_text[:, : w - 1].to(lm_head.weight.device)).to(torch.float32)
             aligned = torch.cat([prev.unsqueeze(1).to(chunk_logits.device), chunk_logits], 1)
             summary = z_hidden if use_z else h_text[torch.arange(b, device=dev), last_valid]
@@ -446,7 +477,7 @@ class ChunkRefineWrapper(nn.Module):
             result.tokens.append(tokens)
             if t + 1 < k_steps:
                 for i in self.layers_to_refine:
-                    states[i] = self.refine_cells[str(i)].update(pass_state.hidden[i], chunk_mask, states[i])
+                    states[i] = self.refine_cells[str(i)].update(hidden_by_layer[i], chunk_mask, states[i])
                 if soft:
                     probs = torch.softmax(aligned, dim=-1)
         result.final_tokens = result.tokens[-1]

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from rkl.config import RecursiveConfig
 from rkl.data.chunks import TRUE, ChunkBatch, chunk_batch, chunk_modes, scheduled_value
@@ -118,13 +119,18 @@ class RefineTask:
         valid = batch.chunk_valid.to(self.device)
         modes = modes.to(self.device)
         loss_mask = valid & (modes != TRUE)
+        # the named ranges are what scripts/bench_phase_a.py's profile reports (free without a profiler)
         with torch.no_grad():
-            snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
-            chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, shard=shard)
-        result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
-                                           max_inner_steps=max_inner_steps, prefix_ids=prefix)
-        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
-                                  loss_mask, valid)
+            with record_function("rkl.prefix"):
+                snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
+            with record_function("rkl.build_chunk"):
+                chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, shard=shard)
+        with record_function("rkl.refine_chunk"):
+            result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
+                                               max_inner_steps=max_inner_steps, prefix_ids=prefix)
+        with record_function("rkl.losses"):
+            terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens,
+                                      targets, loss_mask, valid)
         n = loss_mask.sum().clamp(min=1)
         right = lambda logits: float(((logits.argmax(-1) == targets) & loss_mask).sum() / n)  # noqa: E731
         stats = {"acc_k": right(result.logits[-1]), "acc_1": right(result.logits[0]),
@@ -187,14 +193,14 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
                         "first (surgery for a, phase a for b, phase b for c) or pass --model")
     if not (Path(source) / SURGERY_FILE).is_file():
         raise UserError(f"{source} is not a surgery or phase checkpoint (no {SURGERY_FILE}); run `rkl surgery` first")
-    if config.gradient_checkpointing and config.cache_reset_policy != "reset_all":
-        raise UserError("gradient_checkpointing drops the cached prefix inside transformers' decoder layers; "
-                        "set gradient_checkpointing=false for phases a/b/c (or cache_reset_policy=reset_all)")
+    if config.gradient_checkpointing and config.cache_reset_policy == "keep_all":
+        raise UserError("gradient_checkpointing recomputes each inner step from the chunk-start snapshot, and "
+                        "cache_reset_policy=keep_all carries one cache across steps; use the default policy")
     base_reference = json.loads((Path(source) / SURGERY_FILE).read_text())
     wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=run.dtype)
+    # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
+    # cached prefix; transformers' per-layer checkpointing would drop it)
     wrapper.to(accelerator.device)
-    if config.gradient_checkpointing:
-        wrapper.base.gradient_checkpointing_enable()
     train_stream, val_stream = token_streams(config, tokenizer)
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
