@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Phase A on one device, measured side by side in one process (random weights and tokens: speed needs no training).
+
+1. Where a phase-A step goes: the sections of RefineTask.losses_on (prefix pass, building the draft-like chunk
+   token by token, the K inner steps, the losses) and the backward, each timed with the device synchronised, beside
+   the whole step as the training loop runs it; plus torch.profiler's top device kernels of one step.
+2. Tokens/s of that step beside a vanilla fine-tune step (forward + backward of the base, every weight trainable) at
+   the same batch and sequence length, and the analytical expectation from measured parts: one prefix pass without
+   gradient + the W - 1 drafting decode steps + K chunk passes with backward.
+3. The largest batch that fits, with and without gradient checkpointing (rkl's per-inner-step recomputation), with
+   its peak memory and tokens/s.
+
+    python scripts/bench_phase_a.py --preset small --batch 8 --prefix 1024 --width 64
+    python scripts/bench_phase_a.py --preset kimi_linear_48b_a3b --prefix 512 --width 128 --batch 2 \
+        --batches 2,4,8,16,32 --no-vanilla
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from rkl import ChunkRefineWrapper, RecursiveConfig
+from rkl.data.chunks import ChunkBatch, chunk_batch, chunk_modes
+from rkl.model.base import build_preset
+from rkl.model.drafts import build_chunk
+from rkl.train.losses import refinement_losses, total_loss
+from rkl.train.refine_phases import RefineTask, step_generator
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device):
+    # what the training loop runs under (accelerate's bf16 mixed precision on a GPU, fp32 on a CPU)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def phase_a_task(base, args, batch: int, checkpointing: bool) -> RefineTask:
+    config = RecursiveConfig(chunk_width=args.width, max_inner_steps=args.k, refine_cell_type="chunk_attention",
+                             batch_size=batch, seq_len=args.prefix + args.width, gradient_checkpointing=checkpointing,
+                             draft_share=0.5, splice_share=0.5, edit_margin=1.4, steps=1000)
+    wrapper = ChunkRefineWrapper(base, config)
+    device = next(base.parameters()).device
+    wrapper.to(device)
+    stream = torch.randint(3, base.config.vocab_size, (max(200_000, 8 * batch * config.seq_len),),
+                           generator=torch.Generator().manual_seed(0))
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    task = RefineTask(wrapper, tokenizer, config, stream, stream, device, "a", {})
+    task.train_mode(True)
+    return task
+
+
+def fixed_prefix_batch(task: RefineTask, step: int) -> tuple[ChunkBatch, torch.Tensor, torch.Generator]:
+    """The step's batch with the prefix at its longest (so every section sees the same shapes)."""
+    c = task.config
+    p = c.seq_len - c.chunk_width
+    batch = chunk_batch(task.train_stream, step, c.batch_size, c.chunk_width, p, p, c.seed, 2)
+    gen = step_generator(c.seed, step, 0)
+    modes, _ = chunk_modes(c.batch_size, c.chunk_width, c.draft_share, c.splice_share, c.corruption_rate,
+                           c.corruption_mask, gen)
+    return batch, modes, gen
+
+
+def timed_sections(task: RefineTask, step: int) -> dict[str, float]:
+    """One step of losses_on + backward with a device sync between its parts: seconds per part."""
+    device, w, c = task.device, task.wrapper, task.config
+    batch, modes, gen = fixed_prefix_batch(task, step)
+    prefix, targets, valid = (t.to(device) for t in (batch.prefix_ids, batch.chunk_ids, batch.chunk_valid))
+    modes = modes.to(device)
+    out, t = {}, time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal t
+        sync(device)
+        now = time.perf_counter()
+        out[name] = now - t
+        t = now
+
+    with autocast(device):
+        with torch.no_grad():
+            snapshot, prev = w.prepare_prefix(prefix)
+            mark("prefix pass (no grad)")
+            chunk = build_chunk(w, snapshot, prev, targets, modes, gen)
+            mark(f"build chunk ({c.chunk_width - 1} decode steps)")
+        result = w.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(valid), prefix_ids=prefix)
+        mark(f"{c.max_inner_steps} inner steps (forward)")
+        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
+                                  valid, valid)
+        loss = total_loss(terms, c)
+        mark("losses")
+    loss.backward()
+    mark("backward")
+    zero_grads(task)
+    return out
+
+
+def zero_grads(task: RefineTask) -> None:
+    for params, _ in task.trainable_groups().values():
+        for p in params:
+            p.grad = None
+
+
+def loop_step(task: RefineTask, step: int) -> tuple[float, float]:
+    """(seconds, tokens) of one step as the training loop runs it: task.loss + backward."""
+    sync(task.device)
+    t = time.perf_counter()
+    with autocast(task.device):
+        loss, stats = task.loss(step, 0)
+    loss.backward()
+    zero_grads(task)
+    sync(task.device)
+    return time.perf_counter() - t, stats["tokens"]
+
+
+def vanilla_step(base, batch: int, seq_len: int, device: torch.device) -> float:
+    ids = torch.randint(3, base.config.vocab_size, (batch, seq_len), device=device)
+    sync(device)
+    t = time.perf_counter()
+    with autocast(device):
+        loss = base(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for p in base.parameters():
+        p.grad = None
+    sync(device)
+    return time.perf_counter() - t
+
+
+def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
+    """Seconds of one cached single-token forward after `prefix` tokens (what each drafting step costs)."""
+    from rkl.model.cache import new_cache
+
+    ids = torch.randint(3, base.config.vocab_size, (batch, prefix), device=device)
+    with torch.no_grad(), autocast(device):
+        cache = new_cache(base.config)
+        base(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = ids[:, -1:]
+        times = []
+        for j in range(6):
+            sync(device)
+            t = time.perf_counter()
+            base(input_ids=tok, position_ids=torch.full((batch, 1), prefix + j, device=device),
+                 past_key_values=cache, use_cache=True)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def largest_batch(base, args, checkpointing: bool) -> list[tuple[int, str]]:
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        try:
+            task = phase_a_task(base, args, b, checkpointing)
+            if task.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            loop_step(task, 0)
+            secs, tokens = loop_step(task, 1)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
+            rows.append((b, f"{tokens / secs:,.0f} tok/s, {secs:.2f} s/step, peak {peak:.1f} GiB"))
+            task.wrapper.remove_hooks()
+            del task
+        except torch.OutOfMemoryError:
+            rows.append((b, "out of memory"))
+            break
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prefix", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes for the largest-batch search")
+    ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla step (a 48B base cannot train whole)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top device kernels of one step")
+    args = ap.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    device = next(base.parameters()).device
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
+          f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}")
+
+    task = phase_a_task(base, args, args.batch, checkpointing=False)
+    timed_sections(task, 0)  # warm-up
+    runs = [timed_sections(task, s) for s in range(1, 1 + args.repeats)]
+    parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    loop_step(task, 0)
+    loop = [loop_step(task, s) for s in range(1, 1 + args.repeats)]
+    loop_s = statistics.median(s for s, _ in loop)
+    loop_tokens = statistics.median(n for _, n in loop)
+    t_decode = decode_step(base, args.batch, args.prefix, device)
+    if args.profile and on_gpu:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            loop_step(task, 5)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    task.wrapper.remove_hooks()
+    del task
+
+    print("\n| part of one phase-A step | seconds | share |\n|---|---|---|")
+    total = sum(parts.values())
+    for k, v in parts.items():
+        print(f"| {k} | {v:.3f} | {v / total:.0%} |")
+    print(f"| sum of the parts | {total:.3f} | |")
+    print(f"| the step as the loop runs it (prefix length varies) | {loop_s:.3f} | |")
+    tokens = args.batch * (args.prefix + args.width)
+    print(f"\nphase A: {tokens / total:,.0f} tokens/s (prefix + chunk, fixed prefix); in the loop {loop_tokens / loop_s:,.0f}")
+    print(f"one cached decode step at batch {args.batch}: {t_decode * 1e3:.1f} ms; the {args.width - 1} drafting "
+          f"steps would cost {(args.width - 1) * t_decode:.3f} s")
+    if not args.no_vanilla:
+        for p in base.parameters():
+            p.requires_grad_(True)
+        vanilla_step(base, args.batch, args.prefix + args.width, device)
+        t_van = statistics.median(vanilla_step(base, args.batch, args.prefix + args.width, device)
+                                  for _ in range(args.repeats))
+        for p in base.parameters():
+            p.requires_grad_(False)
+        print(f"vanilla fine-tune step (forward + backward, T = {args.prefix + args.width}): {t_van:.3f} s, "
+              f"{tokens / t_van:,.0f} tokens/s; phase A / vanilla tokens/s = {t_van / total:.2f}")
+        no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
+        print(f"phase A without the drafting walk: {tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
+    if args.batches:
+        for ckpt in (False, True):
+            print(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")
+            for b, line in largest_batch(base, args, ckpt):
+                print(f"  batch {b}: {line}")
+
+
+if __name__ == "__main__":
+    main()
