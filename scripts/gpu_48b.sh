@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/rkl_gpu}; mkdir -p "$OUT"
 W=/tmp/rkl_48b; mkdir -p "$W"
-P=kimi_linear_48b_a3b
+P=${PRESET:-kimi_linear_48b_a3b}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 part() { local name=$1 limit=$2; shift 2; local s=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "== $name: exit $? after $((SECONDS - s)) s" | tee -a "$OUT/summary.txt"; }
