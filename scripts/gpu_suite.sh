@@ -44,13 +44,14 @@ if [[ $PART == eval || $PART == all ]]; then
 # 3. rkl eval + compare on the GPU in bf16: after_surgery must equal baseline exactly (perplexity, accuracy, greedy hash).
 W="$OUT/work"; mkdir -p "$W"
 # Exactness needs no trained base: a few pretrain steps make a checkpoint with a tokenizer.
-DATA=(--set data=stdlib+arithmetic --set max_chars_per_source=1000000 --set chunk_width=16)
+# (pretrain does not read chunk_width, and a --set of a field a command does not read is refused)
+DATA=(--set data=stdlib+arithmetic --set max_chars_per_source=1000000)
 python3 -m rkl train --phase pretrain --model small --out "$W/baseline" --steps 5 --batch-size 8 \
   --set seq_len=1024 --set lr=1e-3 --set eval_interval=5 --set eval_batches=1 "${DATA[@]}" 2>&1 | tail -2
-python3 -m rkl surgery --model "$W/baseline" --out "$W/after_surgery" "${DATA[@]}" 2>&1 | tail -1
+python3 -m rkl surgery --model "$W/baseline" --out "$W/after_surgery" "${DATA[@]}" --set chunk_width=16 2>&1 | tail -1
 for stage in baseline after_surgery; do
   s=$SECONDS
-  python3 -m rkl eval --stage $stage --model "$W/$stage" --dtype bfloat16 "${DATA[@]}" --limit 200 2>&1 | tail -1
+  python3 -m rkl eval --stage $stage --model "$W/$stage" --dtype bfloat16 "${DATA[@]}" --set chunk_width=16 --limit 200 2>&1 | tail -1
   echo "eval $stage wall $((SECONDS-s)) s" | tee -a "$OUT/summary.txt"
 done
 cp eval_results/*.json "$OUT/" 2>/dev/null || true

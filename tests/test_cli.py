@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rkl import RecursiveConfig
+from rkl.config import config_reference_markdown
 from rkl.cli import app
 from rkl.paths import project_root
 
@@ -64,10 +65,15 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_readme_config_reference_lists_every_field():
+def test_readme_config_reference_is_the_code_s():
+    """The README's table is `rkl config --markdown`: every field, its type, default, readers and meaning."""
     readme = (project_root() / "README.md").read_text()
+    table = runner.invoke(app, ["config", "--markdown"]).output
+    assert table == config_reference_markdown() and table in readme
     for name in RecursiveConfig().to_dict():
-        assert f"| `{name}` |" in readme, name
+        assert f"| `{name}` |" in table, name
+    listing = runner.invoke(app, ["config"], env={"COLUMNS": "300"}).output
+    assert "lr (float, default 0.003; read by train pretrain, vanilla):" in listing
 
 
 # ------------------------------------------------------------------------------------------ nothing lost

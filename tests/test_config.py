@@ -1,10 +1,12 @@
 """RecursiveConfig: round-trip, every validation error names its key, stage files differ where they must."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from rkl import ConfigError, RecursiveConfig
+from rkl.config import READERS, inheritance_chain, unused_fields
 from rkl.paths import STAGE_CONFIGS, stage_config_path
 
 
@@ -105,3 +107,74 @@ def test_configs_written_before_the_commit_rule_still_load():
     assert (cfg.lambda_keep, cfg.draft_schedule, cfg.draft_share_final) == (0.02, "linear", 0.5)
     assert cfg.draft_share == 0.0  # scheduled sampling started at probability 0
     assert "max_chunk_len" not in cfg.to_dict()
+
+
+# ------------------------------------------------------------------------------ stage files that inherit
+def test_stage_files_resolve_to_what_the_full_files_gave():
+    """The stage files became minimal (each inherits the one before it); resolved, each gives exactly the config the
+    full 26-field files of commit 4341c70 gave (captured then into tests/data/stage_configs_4341c70.json)."""
+    snapshot = json.loads((Path(__file__).parent / "data" / "stage_configs_4341c70.json").read_text())
+    assert set(snapshot) == set(STAGE_CONFIGS)
+    for stage, expected in snapshot.items():
+        got = RecursiveConfig.from_file(stage_config_path(stage)).to_dict()
+        assert got == expected, (stage, {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]})
+
+
+def test_stage_files_hold_only_what_their_stage_changes():
+    """Every key of a stage file changes the config it inherits (or the defaults), except the learning rates of
+    what the stage trains, which each file states; the phases inherit one another in order."""
+    for stage in STAGE_CONFIGS:
+        chain = inheritance_chain(stage_config_path(stage))
+        own = {k: v for k, v in chain[-1][1].items() if not k.startswith("_")}
+        parent = RecursiveConfig.from_file(chain[-2][0]) if len(chain) > 1 else RecursiveConfig()
+        repeated = [k for k, v in own.items() if v == getattr(parent, k) and not k.startswith("lr")]
+        assert not repeated, f"{chain[-1][0].name} repeats {repeated} from what it inherits"
+    names = [p.name for p, _ in inheritance_chain(stage_config_path("phase_c"))]
+    assert names == ["baseline.json", "after_surgery.json", "recursive_phase_a.json", "recursive_phase_b.json",
+                     "recursive_phase_c.json"]
+    phase_b = inheritance_chain(stage_config_path("phase_b"))[-1][1]
+    assert {k for k in phase_b if not k.startswith("_")} == {"lora_rank", "lr_lora", "draft_schedule",
+                                                              "draft_share_final"}
+
+
+def test_inheritance_overrides_in_order_and_names_the_file_at_fault(tmp_path):
+    (tmp_path / "parent.json").write_text('{"chunk_width": 4, "d_state": 8, "_comment": "x"}')
+    (tmp_path / "child.json").write_text('{"inherits": "parent.json", "chunk_width": 6}')
+    child = RecursiveConfig.from_file(tmp_path / "child.json")
+    assert (child.chunk_width, child.d_state) == (6, 8)
+    # a config of one's own builds on a stage file by its bare name (found under configs/)
+    (tmp_path / "mine.json").write_text('{"inherits": "recursive_phase_b.json", "lora_rank": 16}')
+    mine = RecursiveConfig.from_file(tmp_path / "mine.json")
+    assert mine == RecursiveConfig.from_file(stage_config_path("phase_b")).replace(lora_rank=16)
+    (tmp_path / "parent.json").write_text('{"lora_rnak": 4}')
+    with pytest.raises(ConfigError, match=r"parent\.json: unknown config key\(s\): lora_rnak \(did you mean lora_rank"):
+        RecursiveConfig.from_file(tmp_path / "child.json")
+    # cross-field rules apply to the merged values, and the error names the file that was asked for
+    (tmp_path / "parent.json").write_text('{"commit_threshold": 0.6}')
+    (tmp_path / "child.json").write_text('{"inherits": "parent.json", "min_commit_threshold": 0.7}')
+    with pytest.raises(ConfigError, match=r"child\.json: min_commit_threshold: must be <= commit_threshold"):
+        RecursiveConfig.from_file(tmp_path / "child.json")
+    (tmp_path / "parent.json").write_text('{"inherits": "child.json"}')
+    with pytest.raises(ConfigError, match=r"makes a cycle \(child\.json -> parent\.json -> child\.json\)"):
+        RecursiveConfig.from_file(tmp_path / "child.json")
+    (tmp_path / "child.json").write_text('{"inherits": "gone.json"}')
+    with pytest.raises(ConfigError, match="gone.json not found"):
+        RecursiveConfig.from_file(tmp_path / "child.json")
+    with pytest.raises(ConfigError, match="read only in a config file"):
+        RecursiveConfig().with_overrides(["inherits=parent.json"])
+
+
+def test_every_field_says_who_reads_it_and_unused_sets_are_refused():
+    readers = {name: read_by for name, _, _, _, read_by in RecursiveConfig.field_docs()}
+    assert all(readers.values()) and set().union(*readers.values()) <= set(READERS)
+    assert readers["lr"] == ("pretrain", "vanilla") and "a" not in readers["lr"]
+    assert unused_fields(["lr"], "a") == ["lr is not used by phase a; its learning rates are lr_refine, lr_boundary, "
+                                          "lr_latent (and lr_lora, lr_unfrozen)"]
+    assert unused_fields(["chunk_width", "seq_len"], "pretrain") == [
+        "chunk_width is not used by phase pretrain; it is read by train a, b, c; eval"]
+    assert unused_fields(["steps"], "eval") == ["steps is not used by rkl eval; it is read by train pretrain, "
+                                                "vanilla, a, b, c"]
+    assert unused_fields(["lambda_keep"], "surgery") and not unused_fields(["edit_margin", "d_state"], "surgery")
+    # a recursive phase's checkpoint carries its config to `rkl eval`: a generation field set at training counts
+    assert readers["commit_threshold"] == ("eval",) and not unused_fields(["commit_threshold"], "a")
+    assert not unused_fields(["lora_rnak"], "b")  # unknown keys are left to the did-you-mean of known_fields

@@ -16,8 +16,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from rkl.config import RecursiveConfig, unused_by_phase
+from rkl.config import RecursiveConfig, config_reference_markdown, grouped_field_docs, readers_text, unused_fields
 from rkl.determinism import set_deterministic
 from rkl.train.checkpoint import recover_checkpoint
 from rkl.errors import UserError
@@ -56,6 +57,13 @@ def user_errors(fn):
     return wrapper
 
 
+def refuse_unused(assignments: list[str] | None, command: str) -> None:
+    """A `--set` of a field `command` does not read would be accepted and silently ignored: refuse it."""
+    unused = unused_fields([item.split("=", 1)[0].strip() for item in assignments or []], command)
+    if unused:
+        raise UserError("; ".join(unused))
+
+
 def resolve_config(stage: str, config_path: Path | None, overrides: list[str] | None, **flags) -> RecursiveConfig:
     path = config_path or stage_config_path(stage)
     config = RecursiveConfig.from_file(path)
@@ -89,9 +97,7 @@ def train(
         raise UserError(f"unknown phase '{phase}' (phases: {', '.join(PHASES)})")
     set_deterministic(deterministic)
     stage = PHASE_STAGES[phase]
-    unused = unused_by_phase([item.split("=", 1)[0].strip() for item in set_ or []], phase)
-    if unused:
-        raise UserError("; ".join(unused))
+    refuse_unused(set_, phase)
     config = resolve_config("pretrain" if phase == "pretrain" else stage, recursive_config, set_,
                             steps=steps, batch_size=batch_size)
     out = out or checkpoint_dir(stage)
@@ -136,6 +142,7 @@ def surgery(
     reference to the base, never a copy of the base weights)."""
     from rkl.model.surgery import run_surgery
 
+    refuse_unused(set_, "surgery")
     config = resolve_config("after_surgery", recursive_config, set_)
     out = out or checkpoint_dir("after_surgery")
     model = model or str(checkpoint_dir("baseline"))
@@ -159,6 +166,7 @@ def eval_(
     """Evaluate a stage on the held-out splits -> eval_results/<stage>.json (+ TensorBoard)."""
     from rkl.eval.runner import run_eval
 
+    refuse_unused(set_, "eval")
     set_deterministic(deterministic)
     result = run_eval(stage, model=model, config_path=recursive_config, overrides=set_ or [],
                       chunk_width=chunk_width, limit=limit, dtype=dtype)
@@ -189,16 +197,24 @@ def config(
     stage: Annotated[Optional[str], typer.Option("--stage", help="Print this stage's resolved config.")] = None,
     recursive_config: ConfigOpt = None,
     set_: SetOpt = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the field reference as the README's Markdown table.")] = False,
 ) -> None:
-    """Print a resolved config as JSON, or (no options) every field with its type, default and meaning."""
+    """Print a resolved config as JSON, or (no options) every field by group with its type, default, the phases
+    and commands that read it, and its meaning."""
     import json
 
     if stage or recursive_config:
         cfg = resolve_config(stage or "after_surgery", recursive_config, set_)
         console.print_json(json.dumps(cfg.to_dict()))
         return
-    for name, tp, default, doc in RecursiveConfig.field_docs():
-        console.print(f"[bold]{name}[/] ({tp}, default {default!r}): {doc}", soft_wrap=True)
+    if markdown:
+        print(config_reference_markdown(), end="")
+        return
+    for title, rows in grouped_field_docs():
+        console.print(f"[bold underline]{title}[/]")
+        for name, tp, default, doc, read_by in rows:
+            line = f"({tp}, default {default!r}; read by {readers_text(read_by)}): {doc}"
+            console.print(f"  [bold]{name}[/] {escape(line)}", soft_wrap=True, highlight=False)
 
 
 class _ReferenceKernelNotice(logging.Filter):

@@ -1,7 +1,10 @@
 """RecursiveConfig: the one configuration object of an rkl run.
 
 A stage file under configs/ (baseline.json, after_surgery.json, recursive_phase_a.json, ...) is a JSON
-object of these fields; anything left out takes the default below. Fields are grouped:
+object of these fields; anything left out takes the value of the file it names in "inherits" (a path relative to
+its own folder, else a file under configs/), and what that chain leaves out takes the default below. So a stage
+file holds only what its stage changes: recursive_phase_b.json inherits recursive_phase_a.json and adds LoRA and
+the rising draft share. Fields are grouped (FIELD_GROUPS):
 
 - recursion (what the sidecar is and how the inner loop runs),
 - losses (the lambda_* weights of the five refinement losses),
@@ -9,7 +12,8 @@ object of these fields; anything left out takes the default below. Fields are gr
 - phases B and C (LoRA, unfreezing, L2 pull to pretrained weights),
 - optimisation and run control (steps, batch, learning rates, intervals, data, seed).
 
-Every field is validated by type, range and allowed values; `validate()` returns every problem at once and
+Every field says which phases and commands read it (`read_by`); a `--set` of a field the command does not read
+is refused (`unused_fields`). Every field is validated by type, range and allowed values; `validate()` returns every problem at once and
 `from_dict` raises ConfigError naming the keys, so a typo never silently becomes a default.
 """
 
@@ -27,9 +31,20 @@ from typing import Any
 from rkl.errors import ConfigError
 
 
-def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+# Who reads a field (its `read_by`): the training phases by name, and the commands `rkl surgery` and `rkl eval`.
+# A recursive phase's or surgery's checkpoint carries its config to `rkl eval`, which reads it from there.
+LM_PHASES = ("pretrain", "vanilla")
+REFINE_PHASES = ("a", "b", "c")
+TRAIN_PHASES = LM_PHASES + REFINE_PHASES
+SURGERY, EVAL = "surgery", "eval"
+READERS = (*TRAIN_PHASES, SURGERY, EVAL)
+SHAPE_READERS = (SURGERY, *REFINE_PHASES, EVAL)  # built at surgery, rebuilt from the checkpoint by every later stage
+
+
+def _f(default: Any, doc: str, *, read_by: tuple[str, ...], lo: float | None = None, hi: float | None = None,
        choices: tuple | None = None, factory: Any = None) -> Any:
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices}
+    assert set(read_by) <= set(READERS), read_by
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "read_by": tuple(read_by)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,65 +57,65 @@ SCHEDULES = ("none", "linear", "cosine")
 @dataclass
 class RecursiveConfig:
     # --- recursion -------------------------------------------------------------------------------------
-    recursive_enabled: bool = _f(True, "Build the sidecar and refine chunks; False = the plain base model.")
-    chunk_width: int = _f(16, "W: tokens per chunk that are drafted, refined and then committed.", lo=1)
-    max_inner_steps: int = _f(4, "K: inner refinement steps per chunk (upper bound; the commit head may stop early).", lo=1)
-    commit_threshold: float = _f(0.9, "Commit when p_commit >= this at the first inner step.", lo=0.0, hi=1.0)
-    min_commit_threshold: float = _f(0.5, "The threshold falls linearly to this value at step K (must be <= commit_threshold).", lo=0.0, hi=1.0)
-    layers_to_refine: list[int] | None = _f(None, "Decoder layer indices that get a refine cell; null = every layer.", factory=None)
-    refine_cell_type: str = _f("pooled", "What position j's delta may read. 'pooled' (the spec): one delta per layer from the mean of the chunk's hidden states, broadcast; later tokens reach j only through that mean. 'per_token': a delta per position from that position's own (causal) state; never reads a later token. 'chunk_attention': a delta per position from a non-causal attention over the whole chunk; O(W^2) per layer.", choices=("pooled", "per_token", "chunk_attention"))
-    use_latent_token: bool = _f(False, "Append a learned [Z] embedding after the chunk; the boundary head reads its hidden state.")
-    d_state: int = _f(64, "Size of each refine cell's recurrent (GRU) state.", lo=1)
-    gate_hidden: int = _f(64, "Hidden width of the refine cell's input MLP (and attention) and of the boundary head.", lo=1)
-    cache_reset_policy: str = _f("keep_kda_recurrent_reset_mla", "How each inner step starts: from the chunk-start snapshot (default), re-running prefix+chunk (reset_all, slow reference), or continuing the live cache (keep_all).", choices=CACHE_POLICIES)
-    edit_margin: float = _f(0.0, "A refinement step changes a token only where it prefers its new argmax over the chunk's token by more than this many nats (log-probability); 0 = wherever the argmax moved away from step 1's. Each edit ends its row's commit, so a margin trades edits for committed length. Training and generation alike.", lo=0.0)
-    reuse_stale_suffix: bool = _f(False, "Generation: after a commit that stops at a changed token, start the next chunk from the rest of the refined chunk instead of re-decoding it; each reused token is committed only if the next chunk's unrefined pass predicts it (else it counts as changed). Off by default: on the CPU demo the check rejected most reused tokens, so commits got shorter and TPOT higher than re-decoding.")
-    use_soft_tokens: bool = _f(False, "Feed editable positions the probability-weighted embedding instead of the argmax token.")
+    recursive_enabled: bool = _f(True, "Build the sidecar and refine chunks; False = the plain base model.", read_by=SHAPE_READERS)
+    chunk_width: int = _f(16, "W: tokens per chunk that are drafted, refined and then committed.", lo=1, read_by=(*REFINE_PHASES, EVAL))
+    max_inner_steps: int = _f(4, "K: inner refinement steps per chunk (upper bound; the commit head may stop early).", lo=1, read_by=(*REFINE_PHASES, EVAL))
+    commit_threshold: float = _f(0.9, "Commit when p_commit >= this at the first inner step.", lo=0.0, hi=1.0, read_by=(EVAL,))
+    min_commit_threshold: float = _f(0.5, "The threshold falls linearly to this value at step K (must be <= commit_threshold).", lo=0.0, hi=1.0, read_by=(EVAL,))
+    layers_to_refine: list[int] | None = _f(None, "Decoder layer indices that get a refine cell; null = every layer.", factory=None, read_by=SHAPE_READERS)
+    refine_cell_type: str = _f("pooled", "What position j's delta may read. 'pooled' (the spec): one delta per layer from the mean of the chunk's hidden states, broadcast; later tokens reach j only through that mean. 'per_token': a delta per position from that position's own (causal) state; never reads a later token. 'chunk_attention': a delta per position from a non-causal attention over the whole chunk; O(W^2) per layer.", choices=("pooled", "per_token", "chunk_attention"), read_by=SHAPE_READERS)
+    use_latent_token: bool = _f(False, "Append a learned [Z] embedding after the chunk; the boundary head reads its hidden state.", read_by=SHAPE_READERS)
+    d_state: int = _f(64, "Size of each refine cell's recurrent (GRU) state.", lo=1, read_by=SHAPE_READERS)
+    gate_hidden: int = _f(64, "Hidden width of the refine cell's input MLP (and attention) and of the boundary head.", lo=1, read_by=SHAPE_READERS)
+    cache_reset_policy: str = _f("keep_kda_recurrent_reset_mla", "How each inner step starts: from the chunk-start snapshot (default), re-running prefix+chunk (reset_all, slow reference), or continuing the live cache (keep_all).", choices=CACHE_POLICIES, read_by=(*REFINE_PHASES, EVAL))
+    edit_margin: float = _f(0.0, "A refinement step changes a token only where it prefers its new argmax over the chunk's token by more than this many nats (log-probability); 0 = wherever the argmax moved away from step 1's. Each edit ends its row's commit, so a margin trades edits for committed length. Training and generation alike.", lo=0.0, read_by=(*REFINE_PHASES, EVAL))
+    reuse_stale_suffix: bool = _f(False, "Generation: after a commit that stops at a changed token, start the next chunk from the rest of the refined chunk instead of re-decoding it; each reused token is committed only if the next chunk's unrefined pass predicts it (else it counts as changed). Off by default: on the CPU demo the check rejected most reused tokens, so commits got shorter and TPOT higher than re-decoding.", read_by=(EVAL,))
+    use_soft_tokens: bool = _f(False, "Feed editable positions the probability-weighted embedding instead of the argmax token.", read_by=(EVAL,))
     # --- losses ----------------------------------------------------------------------------------------
-    lambda_final: float = _f(1.0, "Weight of the final-step CE at loss positions.", lo=0.0)
-    lambda_masked: float = _f(0.5, "Weight of the deep-supervision CE averaged over inner steps.", lo=0.0)
-    lambda_halt: float = _f(0.1, "Weight of the halting BCE (target: the tokens a stop at step t would commit are right).", lo=0.0)
-    lambda_ponder: float = _f(0.01, "Weight of the ponder cost (expected inner steps).", lo=0.0)
-    lambda_keep: float = _f(1.0, "Weight of the keep KL: steps 2..K vs step 1's prediction at valid positions that hold the true token (not corrupted, or the model's own token is right there): damaging a right token costs.", lo=0.0)
+    lambda_final: float = _f(1.0, "Weight of the final-step CE at loss positions.", lo=0.0, read_by=REFINE_PHASES)
+    lambda_masked: float = _f(0.5, "Weight of the deep-supervision CE averaged over inner steps.", lo=0.0, read_by=REFINE_PHASES)
+    lambda_halt: float = _f(0.1, "Weight of the halting BCE (target: the tokens a stop at step t would commit are right).", lo=0.0, read_by=REFINE_PHASES)
+    lambda_ponder: float = _f(0.01, "Weight of the ponder cost (expected inner steps).", lo=0.0, read_by=REFINE_PHASES)
+    lambda_keep: float = _f(1.0, "Weight of the keep KL: steps 2..K vs step 1's prediction at valid positions that hold the true token (not corrupted, or the model's own token is right there): damaging a right token costs.", lo=0.0, read_by=REFINE_PHASES)
     # --- training chunks: drafts, model-sampled corruption, splices ------------------------------------
-    draft_share: float = _f(0.5, "Fraction of training chunks that are the model's own greedy draft from the prefix (every valid position is a loss position).", lo=0.0, hi=1.0)
-    draft_share_final: float = _f(0.5, "Draft fraction at the end of training (with draft_schedule).", lo=0.0, hi=1.0)
-    draft_schedule: str = _f("none", "How the draft fraction moves from draft_share to draft_share_final.", choices=SCHEDULES)
-    splice_share: float = _f(0.5, "Of the other chunks: fraction that are splices (true tokens up to a random position, the model's greedy continuation after it); the rest get model-sampled tokens at corrupted positions.", lo=0.0, hi=1.0)
-    corruption_rate: float = _f(0.3, "Fraction of chunk positions replaced by model-sampled tokens at the start of training.", lo=0.0, hi=1.0)
-    corruption_rate_final: float = _f(0.15, "Corruption fraction at the end of training (with a schedule).", lo=0.0, hi=1.0)
-    corruption_schedule: str = _f("linear", "How the rate moves from corruption_rate to corruption_rate_final.", choices=SCHEDULES)
-    corruption_mask: str = _f("random", "'random' positions or contiguous 'span's.", choices=("random", "span"))
+    draft_share: float = _f(0.5, "Fraction of training chunks that are the model's own greedy draft from the prefix (every valid position is a loss position).", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
+    draft_share_final: float = _f(0.5, "Draft fraction at the end of training (with draft_schedule).", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
+    draft_schedule: str = _f("none", "How the draft fraction moves from draft_share to draft_share_final.", choices=SCHEDULES, read_by=REFINE_PHASES)
+    splice_share: float = _f(0.5, "Of the other chunks: fraction that are splices (true tokens up to a random position, the model's greedy continuation after it); the rest get model-sampled tokens at corrupted positions.", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
+    corruption_rate: float = _f(0.3, "Fraction of chunk positions replaced by model-sampled tokens at the start of training.", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
+    corruption_rate_final: float = _f(0.15, "Corruption fraction at the end of training (with a schedule).", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
+    corruption_schedule: str = _f("linear", "How the rate moves from corruption_rate to corruption_rate_final.", choices=SCHEDULES, read_by=REFINE_PHASES)
+    corruption_mask: str = _f("random", "'random' positions or contiguous 'span's.", choices=("random", "span"), read_by=REFINE_PHASES)
     # --- phases B and C ----------------------------------------------------------------------------------
-    lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0)
-    lora_alpha: int = _f(16, "LoRA alpha.", lo=1)
-    lora_layers: str = _f("top_third", "Which layers get LoRA: 'top_third' or 'all'.", choices=("top_third", "all"))
-    unfreeze_every: int = _f(0, "Unfreeze every n-th decoder layer (phase C: 4); 0 = base stays frozen.", lo=0)
-    l2_to_pretrained: float = _f(0.0, "Weight of the L2 pull of unfrozen weights toward their pretrained values.", lo=0.0)
+    lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0, read_by=REFINE_PHASES)
+    lora_alpha: int = _f(16, "LoRA alpha.", lo=1, read_by=REFINE_PHASES)
+    lora_layers: str = _f("top_third", "Which layers get LoRA: 'top_third' or 'all'.", choices=("top_third", "all"), read_by=REFINE_PHASES)
+    unfreeze_every: int = _f(0, "Unfreeze every n-th decoder layer (phase C: 4); 0 = base stays frozen.", lo=0, read_by=REFINE_PHASES)
+    l2_to_pretrained: float = _f(0.0, "Weight of the L2 pull of unfrozen weights toward their pretrained values.", lo=0.0, read_by=REFINE_PHASES)
     # --- optimisation and run control ------------------------------------------------------------------
-    steps: int = _f(200, "Optimizer steps of a training run.", lo=1)
-    batch_size: int = _f(8, "Sequences (or chunks) per micro-batch.", lo=1)
-    grad_accum: int = _f(1, "Micro-batches per optimizer step.", lo=1)
-    seq_len: int = _f(128, "Tokens per training sequence (pretrain / vanilla); prefix+chunk budget for phases.", lo=2)
-    lr: float = _f(3e-3, "Learning rate of base weights when they train (pretrain, vanilla).", lo=0.0)
-    lr_refine: float = _f(3e-4, "Learning rate of the refine cells.", lo=0.0)
-    lr_boundary: float = _f(5e-4, "Learning rate of the boundary head.", lo=0.0)
-    lr_latent: float = _f(3e-4, "Learning rate of the latent token.", lo=0.0)
-    lr_lora: float = _f(1e-5, "Learning rate of LoRA adapters.", lo=0.0)
-    lr_unfrozen: float = _f(1e-5, "Learning rate of unfrozen base layers (phase C).", lo=0.0)
-    warmup_steps: int = _f(20, "Linear warmup steps before the cosine decay.", lo=0)
-    min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of each group's peak lr.", lo=0.0, hi=1.0)
-    weight_decay: float = _f(0.01, "AdamW weight decay.", lo=0.0)
-    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (large models).")
-    log_interval: int = _f(10, "Steps between TensorBoard scalars.", lo=1)
-    eval_interval: int = _f(50, "Steps between validation passes.", lo=1)
-    eval_batches: int = _f(4, "Validation micro-batches per evaluation.", lo=1)
-    save_interval: int = _f(100, "Steps between checkpoints (the last step always saves).", lo=1)
-    data: str = _f("mix", "Training data: 'mix' (stdlib+shakespeare+arithmetic), 'stdlib', 'shakespeare', 'arithmetic', a datasets name, or a local text/json/parquet file.")
-    max_chars_per_source: int = _f(2_000_000, "Character cap per embedded corpus (stdlib, shakespeare, arithmetic) to bound tokenisation time.", lo=1000)
-    arithmetic_digits: int = _f(3, "Digits per operand of the generated arithmetic set.", lo=1, hi=12)
-    seed: int = _f(0, "Seed of every RNG of the run.", lo=0)
+    steps: int = _f(200, "Optimizer steps of a training run.", lo=1, read_by=TRAIN_PHASES)
+    batch_size: int = _f(8, "Sequences (or chunks) per micro-batch.", lo=1, read_by=TRAIN_PHASES)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", lo=1, read_by=TRAIN_PHASES)
+    seq_len: int = _f(128, "Tokens per training sequence (pretrain / vanilla); prefix+chunk budget for phases.", lo=2, read_by=TRAIN_PHASES)
+    lr: float = _f(3e-3, "Learning rate of base weights when they train (pretrain, vanilla).", lo=0.0, read_by=LM_PHASES)
+    lr_refine: float = _f(3e-4, "Learning rate of the refine cells.", lo=0.0, read_by=REFINE_PHASES)
+    lr_boundary: float = _f(5e-4, "Learning rate of the boundary head.", lo=0.0, read_by=REFINE_PHASES)
+    lr_latent: float = _f(3e-4, "Learning rate of the latent token.", lo=0.0, read_by=REFINE_PHASES)
+    lr_lora: float = _f(1e-5, "Learning rate of LoRA adapters.", lo=0.0, read_by=REFINE_PHASES)
+    lr_unfrozen: float = _f(1e-5, "Learning rate of unfrozen base layers (phase C).", lo=0.0, read_by=REFINE_PHASES)
+    warmup_steps: int = _f(20, "Linear warmup steps before the cosine decay.", lo=0, read_by=TRAIN_PHASES)
+    min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of each group's peak lr.", lo=0.0, hi=1.0, read_by=TRAIN_PHASES)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", lo=0.0, read_by=TRAIN_PHASES)
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0, read_by=TRAIN_PHASES)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (large models).", read_by=TRAIN_PHASES)
+    log_interval: int = _f(10, "Steps between TensorBoard scalars.", lo=1, read_by=TRAIN_PHASES)
+    eval_interval: int = _f(50, "Steps between validation passes.", lo=1, read_by=TRAIN_PHASES)
+    eval_batches: int = _f(4, "Validation micro-batches per evaluation.", lo=1, read_by=TRAIN_PHASES)
+    save_interval: int = _f(100, "Steps between checkpoints (the last step always saves).", lo=1, read_by=TRAIN_PHASES)
+    data: str = _f("mix", "Training data: 'mix' (stdlib+shakespeare+arithmetic), 'stdlib', 'shakespeare', 'arithmetic', a datasets name, or a local text/json/parquet file.", read_by=(*TRAIN_PHASES, SURGERY, EVAL))
+    max_chars_per_source: int = _f(2_000_000, "Character cap per embedded corpus (stdlib, shakespeare, arithmetic) to bound tokenisation time.", lo=1000, read_by=(*TRAIN_PHASES, SURGERY, EVAL))
+    arithmetic_digits: int = _f(3, "Digits per operand of the generated arithmetic set.", lo=1, hi=12, read_by=(*TRAIN_PHASES, SURGERY, EVAL))
+    seed: int = _f(0, "Seed of every RNG of the run.", lo=0, read_by=READERS)
 
     # ----------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -144,8 +159,16 @@ class RecursiveConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RecursiveConfig":
+        return cls(**cls.known_fields(data))
+
+    @classmethod
+    def known_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields a dict sets: comment keys dropped, old keys migrated, unknown keys refused (with a "did you
+        mean"), ints taken for float fields. Values are validated only when a config is built from them."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        if INHERITS in data:
+            raise ConfigError(f'"{INHERITS}" is read only in a config file (it names the file that one builds on)')
         data = migrate(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -158,19 +181,21 @@ class RecursiveConfig:
         # JSON has one number type: accept 3 for a float field, never 3.0 for an int field.
         hints = typing.get_type_hints(cls)
         coerced = {k: float(v) if hints[k] is float and type(v) is int else v for k, v in data.items()}
-        return cls(**coerced)
+        return coerced
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RecursiveConfig":
+        """A config file and the chain of files it inherits: each file's keys are checked against the fields (the
+        error names that file), later files override earlier ones, then the merged values are validated."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        merged: dict[str, Any] = {}
+        for layer, data in inheritance_chain(path):
+            try:
+                merged.update(cls.known_fields(data))
+            except ConfigError as e:
+                raise ConfigError(f"{layer}: {e}") from None
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_dict(data)
+            return cls.from_dict(merged)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
@@ -200,36 +225,123 @@ class RecursiveConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     @classmethod
-    def field_docs(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, doc) of every field, for the README and `--help`."""
+    def field_docs(cls) -> list[tuple[str, str, Any, str, tuple[str, ...]]]:
+        """(name, type, default, doc, read_by) of every field, for the README and `rkl config`."""
         hints = typing.get_type_hints(cls)
         rows = []
         for f in fields(cls):
             default = f.default if f.default is not MISSING else None
-            rows.append((f.name, _type_name(hints[f.name]), default, f.metadata["doc"]))
+            rows.append((f.name, _type_name(hints[f.name]), default, f.metadata["doc"], f.metadata["read_by"]))
         return rows
+
+
+# (title, first field) of each group, in declaration order: a field belongs to the last group started before it.
+FIELD_GROUPS = (("recursion", "recursive_enabled"), ("losses", "lambda_final"),
+                ("training chunks: drafts, model-sampled corruption, splices", "draft_share"),
+                ("phases B and C", "lora_rank"), ("optimisation and run control", "steps"))
+
+
+def grouped_field_docs() -> list[tuple[str, list[tuple[str, str, Any, str, tuple[str, ...]]]]]:
+    """RecursiveConfig.field_docs() split into FIELD_GROUPS: [(title, rows)]."""
+    starts = {first: title for title, first in FIELD_GROUPS}
+    groups: list[tuple[str, list]] = []
+    for row in RecursiveConfig.field_docs():
+        if row[0] in starts:
+            groups.append((starts[row[0]], []))
+        groups[-1][1].append(row)
+    return groups
+
+
+def readers_text(read_by: tuple[str, ...]) -> str:
+    """'train a, b, c; eval' for ("a", "b", "c", "eval"): the phases (`rkl train --phase ...`), then the commands."""
+    phases = [p for p in TRAIN_PHASES if p in read_by]
+    parts = [f"train {', '.join(phases)}"] if phases else []
+    return "; ".join(parts + [c for c in (SURGERY, EVAL) if c in read_by])
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference table: every field by group, with its type, default, readers and meaning."""
+    lines = ["| field | type | default | read by | meaning |", "|---|---|---|---|---|"]
+    for title, rows in grouped_field_docs():
+        lines.append(f"| **{title}** | | | | |")
+        for name, tp, default, doc, read_by in rows:
+            tp = tp.replace("|", "\\|")  # a literal | would split the cell
+            lines.append(f"| `{name}` | {tp} | `{default}` | {readers_text(read_by)} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+INHERITS = "inherits"  # the key of a config file that names the file it builds on
+MAX_INHERITANCE = 16
+
+
+def inheritance_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """[(file, its keys without "inherits")], the root of the chain first and `path` last.
+
+    "inherits" is a path relative to the inheriting file's folder; a bare name not found there is looked up under
+    configs/ (so a config of your own can build on a stage file: {"inherits": "recursive_phase_a.json", ...})."""
+    from rkl.paths import configs_dir
+
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: list[Path] = []
+    while True:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        if path.resolve() in seen:
+            cycle = " -> ".join(p.name for p in [*seen, path.resolve()])
+            raise ConfigError(f"{path}: \"{INHERITS}\" makes a cycle ({cycle}); remove it from one of these files")
+        if len(seen) >= MAX_INHERITANCE:
+            raise ConfigError(f"{path}: more than {MAX_INHERITANCE} files inherit one another")
+        seen.append(path.resolve())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: config must be a JSON object, got {type(data).__name__}")
+        parent = data.pop(INHERITS, None)
+        chain.append((path, data))
+        if parent is None:
+            return chain[::-1]
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f'{path}: "{INHERITS}" must be a file name, got {parent!r}')
+        nxt = path.parent / parent
+        if not nxt.is_file() and (configs_dir() / parent).is_file():
+            nxt = configs_dir() / parent
+        if not nxt.is_file():
+            raise ConfigError(f'{path}: "{INHERITS}": {parent} not found (looked in {path.parent} and '
+                              f"{configs_dir()})")
+        path = nxt
 
 
 # The sidecar's shape: written at surgery, read back from every checkpoint, never changed by a later stage.
 SHAPE_FIELDS = ("refine_cell_type", "d_state", "gate_hidden", "layers_to_refine", "use_latent_token")
-# Fields that only some training phases read: `--set` of one on a phase that ignores it is refused.
-LM_ONLY_FIELDS = ("lr",)
-REFINE_ONLY_FIELDS = ("lr_refine", "lr_boundary", "lr_latent", "lr_lora", "lr_unfrozen", "lambda_final",
-                      "lambda_masked", "lambda_halt", "lambda_ponder", "lambda_keep", "draft_share",
-                      "draft_share_final", "draft_schedule", "splice_share", "corruption_rate",
-                      "corruption_rate_final", "corruption_schedule", "corruption_mask", "lora_rank", "lora_alpha",
-                      "lora_layers", "unfreeze_every", "l2_to_pretrained")
 
 
-def unused_by_phase(keys: list[str], phase: str) -> list[str]:
-    """One message per key that `phase` does not read (empty when all are read)."""
+def reads_field(command: str, read_by: tuple[str, ...]) -> bool:
+    """Whether a `--set` of a field with these readers changes what `command` (a phase or surgery/eval) does.
+
+    A recursive phase and surgery also count a field `rkl eval` reads: their checkpoint carries the config to eval
+    (phase A's commit_threshold is what `rkl eval --stage phase_a` generates with). Pretrain and vanilla do not:
+    their stages are evaluated with the stage files (their checkpoints hold no sidecar)."""
+    return command in read_by or (command in (*REFINE_PHASES, SURGERY) and EVAL in read_by)
+
+
+def unused_fields(keys: list[str], command: str) -> list[str]:
+    """One message per known key that `command` does not read (empty when all are read; unknown keys are left to
+    `RecursiveConfig.known_fields`, which suggests the closest field)."""
+    readers = {name: read_by for name, _, _, _, read_by in RecursiveConfig.field_docs()}
+    what = f"phase {command}" if command in TRAIN_PHASES else f"rkl {command}"
     out = []
     for key in keys:
-        if key in LM_ONLY_FIELDS and phase in ("a", "b", "c"):
-            out.append(f"{key} is not used by phase {phase}; its learning rates are lr_refine, lr_boundary, "
-                       "lr_latent (and lr_lora, lr_unfrozen)")
-        elif key in REFINE_ONLY_FIELDS and phase in ("pretrain", "vanilla"):
-            out.append(f"{key} is not used by phase {phase} (it trains the base alone; its learning rate is lr)")
+        if key not in readers or reads_field(command, readers[key]):
+            continue
+        if key == "lr" and command in REFINE_PHASES:
+            out.append(f"lr is not used by phase {command}; its learning rates are lr_refine, lr_boundary, lr_latent "
+                       "(and lr_lora, lr_unfrozen)")
+        elif command in LM_PHASES and key.startswith("lr_"):
+            out.append(f"{key} is not used by phase {command} (it trains the base alone; its learning rate is lr)")
+        else:
+            out.append(f"{key} is not used by {what}; it is read by {readers_text(readers[key])}")
     return out
 
 
