@@ -1,4 +1,4 @@
-"""The `rkl` command line: surgery, train, eval, compare (+ config).
+"""The `rkl` command line: surgery, train, eval, compare (+ generate, config).
 
 Convention over configuration: a stage name resolves its config (configs/<stage>.json) and checkpoint
 (checkpoints/<stage>/); flags override; `--set key=value` overrides single config fields. Errors a user can
@@ -178,6 +178,29 @@ def eval_(
              ("tpot_uplift", "{:.2f}x"), ("cont_mean_committed", "{:.2f}"), ("cont_tpot_uplift", "{:.2f}x")]
     console.print("  ".join(f"{k} {f.format(m[k])}" for k, f in heads if k in m), soft_wrap=True)
     console.print(f"[green]saved[/] {result}")
+
+
+@app.command()
+@user_errors
+def generate(
+    stage: Annotated[str, typer.Option("--stage", help="baseline | after_surgery | finetuned_vanilla | phase_a | phase_b | phase_c, or any name with --model.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (or --file).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Prompts, one a line (blank lines skipped); each is generated alone.")] = None,
+    model: ModelOpt = None,
+    recursive_config: ConfigOpt = None,
+    set_: SetOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate per prompt (fewer if EOS comes first).")] = 64,
+    chunk_width: Annotated[Optional[int], typer.Option("--chunk-width", help="Chunk width W (default: the config's).")] = None,
+    max_inner_steps: Annotated[Optional[int], typer.Option("--max-inner-steps", help="Inner steps K per chunk (default: the config's).")] = None,
+    show_steps: Annotated[bool, typer.Option("--show-steps", help="Per chunk: the draft, the tokens each inner step changed, p_commit per step, what was committed.")] = False,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Greedy generation from a stage (the same model and config `rkl eval` scores); prompts start with <eos>."""
+    from rkl.generate_command import read_prompts, run_generate
+
+    run_generate(stage, read_prompts(prompt, file), console, model=model, config_path=recursive_config,
+                 overrides=set_ or [], max_new_tokens=max_new_tokens, chunk_width=chunk_width,
+                 max_inner_steps=max_inner_steps, dtype=dtype, show_steps=show_steps)
 
 
 @app.command()

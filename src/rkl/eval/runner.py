@@ -89,6 +89,13 @@ def resolve_eval_config(stage: str, folder: Path | None, config_path: str | Path
     return config.replace(chunk_width=chunk_width), f"{source} (chunk_width {chunk_width} from --chunk-width)", True
 
 
+def require_sidecar(config: RecursiveConfig, folder: Path | None) -> None:
+    """Refuse recursion on a folder without a sidecar: a fresh (neutral) sidecar would be scored as if trained."""
+    if config.recursive_enabled and folder is not None and not (folder / SIDECAR_FILE).is_file():
+        raise UserError(f"{folder} has no {SIDECAR_FILE}, but the config turns recursion on: a fresh sidecar would be "
+                        "scored as if trained; pass --set recursive_enabled=false, or finish that stage's training")
+
+
 def checkpoint_record(model: Path | str) -> dict[str, Any]:
     """Path and sha256 of what is scored: results.sha256_file of the folder (every file's bytes), or for a folder
     over 1 GiB a fingerprint of its JSON files' bytes and every file's name and size (says which in "hash")."""
@@ -191,9 +198,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     folder = Path(target) if Path(target).is_dir() else None
     config, config_source, width_changed = resolve_eval_config(stage, folder, config_path, overrides or [],
                                                                chunk_width)
-    if config.recursive_enabled and folder is not None and not (folder / SIDECAR_FILE).is_file():
-        raise UserError(f"{folder} has no {SIDECAR_FILE}, but the config turns recursion on: a fresh sidecar would be "
-                        "scored as if trained; pass --set recursive_enabled=false, or finish that stage's training")
+    require_sidecar(config, folder)
     torch.manual_seed(config.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -82,8 +82,11 @@ def generate_chunks(wrapper: ChunkRefineWrapper, input_ids: torch.Tensor, attent
     return_stats=True returns (ids, stats), one dict per chunk: inner_steps, p_commit (per step, per row),
     tokens_changed (per step), rows (rows still running at the chunk start), seeded_length (chunk positions),
     committed_lengths (new tokens each running row committed), open_positions (chunk positions each running row
-    could fill with a new token: not locked), carried (tokens each running row brought in), adopted_seed.
-    Disabled wrapper: `base.generate`.
+    could fill with a new token: not locked), carried (tokens each running row brought in), adopted_seed, and the
+    tokens: draft (each running row's seeded chunk, [rows][seeded_length]), step_tokens (the chunk after each inner
+    step, [steps][rows][seeded_length]), locked (leading chunk positions each running row had committed before).
+    A running row commits step_tokens[-1][row][locked:locked + committed_lengths]. Stats change nothing generated.
+    Disabled wrapper: `base.generate` (stats: []).
     """
     base, cfg = wrapper.base, wrapper.config
     if not wrapper.enabled:
@@ -196,6 +199,10 @@ def generate_chunks(wrapper: ChunkRefineWrapper, input_ids: torch.Tensor, attent
                 "open_positions": (m - n_locked)[was_running].tolist(),  # chunk positions a new token could take
                 "carried": n_carry[was_running].tolist(),
                 "adopted_seed": adopt,
+                # the tokens themselves, for traces (`rkl generate --show-steps`): what each step read and wrote
+                "locked": n_locked[was_running].tolist(),
+                "draft": seeded[was_running].tolist(),
+                "step_tokens": [t[was_running].tolist() for t in res.tokens],
             })
         if not bool(still.any()):
             break

@@ -1,0 +1,60 @@
+"""A stage name (or `--model`) -> the loaded model that `rkl generate` and the lm-eval model run.
+
+The resolution is `rkl eval`'s (rkl.eval.runner): the folder is `--model`, else checkpoints/<stage>; the config is
+`--recursive-config`, else the folder's recursive_config.json when it holds a sidecar, else the stage's file under
+configs/ (configs/baseline.json for a name without one); then `--set`, then `--chunk-width`. So a stage evaluated,
+generated from and scored by lm-eval is the same model under the same config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rkl.config import RecursiveConfig
+from rkl.errors import UserError
+from rkl.eval.runner import require_sidecar, resolve_eval_config, resolve_model
+
+
+@dataclass
+class StageModel:
+    """wrapper (ChunkRefineWrapper, in eval mode), its tokenizer and resolved config, what was loaded and from where
+    the config came."""
+
+    wrapper: Any
+    tokenizer: Any
+    config: RecursiveConfig
+    model: Path | str
+    config_source: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.wrapper.base.get_input_embeddings().weight.device
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the model takes in one sequence, prompt and generation together (max_position_embeddings)."""
+        return int(self.wrapper.base.config.max_position_embeddings)
+
+
+def load_stage_model(stage: str, model: str | None = None, config_path: str | Path | None = None,
+                     overrides: list[str] | None = None, chunk_width: int | None = None,
+                     dtype: str | torch.dtype | None = None) -> StageModel:
+    """Load a stage the way `rkl eval` does; UserError (one line) for a missing checkpoint, a recursive config on a
+    folder without a sidecar, or a folder without a tokenizer."""
+    from rkl.model.surgery import load_model_with_config
+
+    target = resolve_model(stage, model)
+    folder = Path(target) if Path(target).is_dir() else None
+    config, source, _ = resolve_eval_config(stage, folder, config_path, list(overrides or []), chunk_width)
+    require_sidecar(config, folder)
+    wrapper, tokenizer, config = load_model_with_config(target, config=config, dtype=dtype,
+                                                        device_map="auto" if torch.cuda.is_available() else None)
+    if tokenizer is None:
+        raise UserError(f"{target} has no tokenizer: use a trained checkpoint folder "
+                        "(`rkl train --phase pretrain` writes one)")
+    wrapper.eval()
+    return StageModel(wrapper, tokenizer, config, target, source)
