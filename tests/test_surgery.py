@@ -133,3 +133,51 @@ def test_bad_inputs_fail_with_one_clear_error(tmp_path):
     (bad / "surgery.json").write_text(json.dumps({"base": "preset:gone"}))
     with pytest.raises(UserError, match="references base preset 'gone', which does not exist"):
         load_model_with_config(bad)
+
+
+def test_a_moved_tree_still_loads(tmp_path, monkeypatch):
+    """checkpoints/ copied elsewhere (base, surgery and phase folders together) loads from its new place: every folder
+    records its base relative to itself too. A folder moved alone falls back to the absolute path, and of two bases
+    found the one with the recorded fingerprint is taken."""
+    from typer.testing import CliRunner
+
+    from rkl.cli import app
+    from rkl.model.surgery import find_base
+    from rkl.paths import project_root
+
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)  # logs/ of the runs land here
+    (tmp_path / "configs").symlink_to(project_root() / "configs")
+    data = ["--set", "data=arithmetic", "--set", "max_chars_per_source=5000", "--set", "arithmetic_digits=2"]
+    run = ["--steps", "1", "--batch-size", "2", "--set", "seq_len=16", "--set", "eval_batches=1", *data]
+    old = tmp_path / "old" / "checkpoints"
+    for args in (["train", "--phase", "pretrain", "--model", "tiny", *run, "--out", f"{old}/baseline"],
+                 ["surgery", "--model", f"{old}/baseline", "--out", f"{old}/after_surgery", *data],
+                 ["train", "--phase", "a", "--model", f"{old}/after_surgery", *run, "--out", f"{old}/phase_a"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    for stage in ("after_surgery", "phase_a"):
+        assert json.loads((old / stage / "surgery.json").read_text())["base_relative"] == "../baseline"
+    ids = torch.tensor([[2, 5, 7, 9, 11, 4]])
+    with torch.no_grad():
+        before = load_model_with_config(old / "phase_a")[0](input_ids=ids).logits
+
+    new = tmp_path / "new" / "checkpoints"
+    shutil.move(tmp_path / "old", tmp_path / "new")  # the whole tree: the old absolute paths are gone
+    with torch.no_grad():
+        assert torch.equal(load_model_with_config(new / "phase_a")[0](input_ids=ids).logits, before)
+    result = runner.invoke(app, ["train", "--phase", "b", "--model", f"{new}/phase_a", *run, "--out", f"{new}/phase_b"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((new / "phase_b" / "surgery.json").read_text())
+    assert (info["base"], info["base_relative"]) == (str((new / "baseline").resolve()), "../baseline")
+
+    alone = tmp_path / "elsewhere" / "deep" / "phase_b"
+    shutil.move(new / "phase_b", alone)  # moved without its base: ../baseline is not there, the absolute path is
+    assert find_base(alone)["base"] == str((new / "baseline").resolve())
+    decoy = alone.parent / "baseline"  # now ../baseline exists but is another model (another fingerprint)
+    shutil.copytree(new / "baseline", decoy)
+    (decoy / "config.json").write_text(json.dumps({**json.loads((decoy / "config.json").read_text()), "decoy": 1}))
+    assert find_base(alone)["base"] == str((new / "baseline").resolve())
+    shutil.rmtree(new / "baseline")  # only the decoy is left: it loads, with a warning
+    with pytest.warns(UserWarning, match="differs from the one"):
+        assert find_base(alone)["base"] == str(decoy.resolve())

@@ -11,7 +11,6 @@ other valid positions get the target-free keep term.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from rkl.data.chunks import TRUE, ChunkBatch, chunk_batch, chunk_modes, schedule
 from rkl.data.corpora import describe_source
 from rkl.data.packing import step_generator as packing_generator
 from rkl.errors import UserError
-from rkl.model.surgery import SURGERY_FILE, load_model_with_config, save_sidecar
+from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import build_chunk
 from rkl.model.adapters import apply_lora, l2_to_pretrained, save_base_changes, unfreeze
@@ -171,7 +170,7 @@ class RefineTask:
         """A surgery-style folder: sidecar + LoRA/unfrozen weights + the reference to the (unchanged) base."""
         save_sidecar(self.wrapper, out_dir)
         save_base_changes(self.wrapper.base, self.config, out_dir)
-        (Path(out_dir) / SURGERY_FILE).write_text(json.dumps(self.base_reference, indent=2) + "\n")
+        write_base_reference(self.base_reference, Path(out_dir))  # relative to this folder, so a moved tree loads
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
 
@@ -196,7 +195,7 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     if config.gradient_checkpointing and config.cache_reset_policy == "keep_all":
         raise UserError("gradient_checkpointing recomputes each inner step from the chunk-start snapshot, and "
                         "cache_reset_policy=keep_all carries one cache across steps; use the default policy")
-    base_reference = json.loads((Path(source) / SURGERY_FILE).read_text())
+    base_reference = find_base(Path(source))  # where the base is now (the tree may have moved since surgery)
     wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=run.dtype)
     # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
     # cached prefix; transformers' per-layer checkpointing would drop it)
