@@ -10,12 +10,15 @@ __version__ = "0.1.0"
 # transformers until a model name is actually used.
 _MODEL_API = ("ChunkRefineWrapper", "RefineCell", "BoundaryHead", "LatentToken", "RefineResult",
               "load_model_with_config", "snapshot_cache", "restore_cache", "run_surgery")
-__all__ += list(_MODEL_API)
+# what the README's Python API example uses beside the model API: name -> module
+_LAZY = {**{name: "rkl.model" for name in _MODEL_API}, "encode_prompt": "rkl.data.prompts",
+         "generate_chunks": "rkl.model.generate", "chunk_traces": "rkl.model.trace"}
+__all__ += list(_LAZY)
 
 
 def __getattr__(name: str):
-    if name in _MODEL_API:
-        import rkl.model
+    if name in _LAZY:
+        import importlib
 
-        return getattr(rkl.model, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rkl' has no attribute {name!r}")

@@ -56,6 +56,20 @@ SCHEDULES = ("none", "linear", "cosine")
 
 @dataclass
 class RecursiveConfig:
+    """Every setting of rkl in one validated dataclass: the recursion (W, K, commit thresholds), the sidecar's shape,
+    the training phases' losses, data and optimiser, and the run (steps, batch size, seed). `rkl config` and the
+    README's config reference list each field with its type, default, meaning and the commands that read it.
+
+        RecursiveConfig(chunk_width=8)                          # defaults for the rest
+        RecursiveConfig.from_file("configs/recursive_phase_a.json")  # a stage file (and the files it inherits)
+        cfg.replace(max_inner_steps=2)                          # a validated copy with fields changed
+        cfg.with_overrides(["lora_rank=16"])                    # `--set key=value` strings (values parsed as JSON)
+        cfg.save(path); cfg.to_dict()
+
+    A wrong type, an out-of-range value or an unknown key raises ConfigError naming the key. A checkpoint's
+    recursive_config.json is the config its sidecar was built and trained with; `load_model_with_config` reads it.
+    """
+
     # --- recursion -------------------------------------------------------------------------------------
     recursive_enabled: bool = _f(True, "Build the sidecar and refine chunks; False = the plain base model.", read_by=SHAPE_READERS)
     chunk_width: int = _f(16, "W: tokens per chunk that are drafted, refined and then committed.", lo=1, read_by=(*REFINE_PHASES, EVAL))

@@ -175,6 +175,15 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 class ChunkRefineWrapper(nn.Module):
+    """A Kimi-Linear base (`.base`, its weights untouched) with the recursive sidecar beside it: refine cells hooked
+    onto the decoder layers, the commit (boundary) head and optionally the latent token, built from `.config`.
+
+    `generate_chunks` generates in refined chunks (rkl.model.generate); `refine_chunk` runs one chunk's inner loop;
+    `forward`/`generate` are the base's own, unchanged (the deltas act only inside refinement passes). With
+    `config.recursive_enabled` False there is no sidecar and generate_chunks is `base.generate`. Usually built by
+    `load_model_with_config`, which also loads a checkpoint's trained sidecar.
+    """
+
     def __init__(self, base_model: nn.Module, config: RecursiveConfig | None = None) -> None:
         super().__init__()
         config = config or RecursiveConfig()
@@ -486,7 +495,11 @@ class ChunkRefineWrapper(nn.Module):
     # ------------------------------------------------------------------------------------------ generation
     def generate_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
                         ) -> Any:
-        """Chunked generation with refinement; see `rkl.model.generate.generate_chunks` for the arguments."""
+        """Chunked generation with refinement: ids [B, prompt + new] as HF `generate` returns them; with
+        `return_stats=True`, (ids, one stats dict per chunk). Keyword arguments (max_new_tokens, chunk_width,
+        max_inner_steps, commit_threshold, do_sample, temperature, top_p, return_stats, reuse_stale_suffix) and the
+        stats' keys: `rkl.model.generate.generate_chunks`. Greedy with a neutral (untrained) sidecar, the tokens are
+        `base.generate`'s exactly."""
         from rkl.model.generate import generate_chunks
 
         return generate_chunks(self, input_ids, attention_mask=attention_mask, **kwargs)
