@@ -4,14 +4,18 @@ A surgery folder holds
 
     sidecar.safetensors     the sidecar weights only (refine_cells.*, boundary.*, latent_token.*)
     recursive_config.json   the RecursiveConfig they were built with
-    surgery.json            {"base": absolute path or "preset:<name>", "base_sha256": ..., "sidecar_params": n,
-                             "sidecar_bytes": n}
+    surgery.json            {"base": absolute path or "preset:<name>", "base_relative": the base folder's path
+                             relative to this folder, "base_sha256": ..., "sidecar_params": n, "sidecar_bytes": n}
 
 and never a copy of the base weights (96 GB for the real model). `base_sha256` is a cheap fingerprint, not a hash of
 the weights: sha256 over the base folder's config.json bytes, the bytes of any *.index.json weight index, and the
 name and size of every weight file (*.safetensors, *.bin, *.pt, *.pth), in sorted order; for a preset, over the
 preset's JSON file. It catches "the base folder was replaced by another model" in milliseconds; a loader that finds
 a different fingerprint warns and goes on. The folder is written atomically: into out_dir.tmp-XXXX, then renamed.
+
+A moved tree still loads: a loader looks for the base at `base_relative` first, then at `base`, and takes the first
+that exists with the recorded fingerprint (`find_base`); so checkpoints/ copied to another disk, base and surgery
+folder together, finds the copied base. A phase checkpoint records the base the same way, relative to itself.
 
 Surgery itself needs only the base's config (hidden size, layer count, dtype), never its weights.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -105,7 +110,7 @@ def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: s
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / SIDECAR_FILE), metadata={"format": "pt"})
         config.save(tmp / CONFIG_FILE)
-        (tmp / SURGERY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        info = write_base_reference(info, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return {"out": str(out), **info}
@@ -126,6 +131,52 @@ def run_surgery(model: str, config: RecursiveConfig, out: Path) -> dict[str, Any
                               max_chars=config.max_chars_per_source)
         tokenizer = train_tokenizer(docs, preset_config(model).vocab_size, exact=False)
     return surgery(model, config, out, tokenizer=tokenizer)
+
+
+def write_base_reference(info: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Write surgery.json into `folder` with `info`'s base also recorded relative to the folder (a folder base only);
+    returns what was written. `folder` may be the temporary sibling of the final folder (atomic_dir): the relative
+    path is the same from both."""
+    info = {k: v for k, v in info.items() if k != "base_relative"}
+    if not info["base"].startswith("preset:"):
+        try:
+            info = {"base": info["base"], "base_relative": os.path.relpath(info["base"], Path(folder).resolve()),
+                    **info}
+        except ValueError:  # another drive (Windows): only the absolute path can reach it
+            pass
+    (Path(folder) / SURGERY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def find_base(folder: Path) -> dict[str, Any]:
+    """surgery.json of a surgery or phase folder, with "base" set to where the base is now: a preset reference, or
+    the first of base_relative (resolved from the folder) and base that exists, preferring one whose fingerprint is
+    the recorded one (a found base with another fingerprint loads with a warning)."""
+    try:
+        info = json.loads((folder / SURGERY_FILE).read_text())
+        recorded = info["base"]
+        if not isinstance(recorded, str):
+            raise TypeError(f"base is {type(recorded).__name__}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{folder / SURGERY_FILE} is unreadable ({e}); re-run `rkl surgery`") from None
+    if recorded.startswith("preset:"):
+        if recorded[len("preset:"):] not in preset_names():
+            raise UserError(f"surgery checkpoint {folder} references base preset '{recorded[len('preset:'):]}', which "
+                            f"does not exist (presets: {', '.join(preset_names())})")
+        return info
+    candidates = [(folder / info["base_relative"]).resolve()] if info.get("base_relative") else []
+    candidates = [c for c in [*candidates, Path(recorded)] if c.is_dir()]
+    if not candidates:
+        relative = f" (nor does {info['base_relative']} relative to it)" if info.get("base_relative") else ""
+        raise UserError(f"surgery checkpoint {folder} references base {recorded}, which does not exist{relative}; "
+                        "restore the base folder or re-run `rkl surgery` against its new location")
+    expected = info.get("base_sha256")
+    found = {str(c): base_fingerprint(c)[1] for c in dict.fromkeys(candidates)}
+    matching = [c for c, sha in found.items() if sha == expected]
+    if expected and not matching:
+        warnings.warn(f"base {candidates[0]} differs from the one surgery checkpoint {folder} was made for "
+                      "(config or weight files changed); its sidecar may not fit this base", stacklevel=3)
+    return {**info, "base": matching[0] if matching else str(candidates[0])}
 
 
 def _resolve_config(folder: Path | None, config: RecursiveConfig | None, config_path: str | Path | None,
@@ -164,25 +215,8 @@ def load_model_with_config(model: str | Path, config: RecursiveConfig | None = N
     folder = path if path.is_dir() else None
     base_ref: str | Path = model
     if folder is not None and (folder / SURGERY_FILE).is_file():
-        try:
-            info = json.loads((folder / SURGERY_FILE).read_text())
-            base_ref = info["base"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{folder / SURGERY_FILE} is unreadable ({e}); re-run `rkl surgery`") from None
-        if base_ref.startswith("preset:"):
-            base_ref = base_ref[len("preset:"):]
-            if base_ref not in preset_names():
-                raise UserError(f"surgery checkpoint {folder} references base preset '{base_ref}', which does not "
-                                f"exist (presets: {', '.join(preset_names())})")
-        elif not Path(base_ref).is_dir():
-            raise UserError(f"surgery checkpoint {folder} references base {base_ref}, which does not exist; "
-                            "restore the base folder or re-run `rkl surgery` against its new location")
-        expected = info.get("base_sha256")
-        if expected:
-            _, sha = base_fingerprint(base_ref)
-            if sha != expected:
-                warnings.warn(f"base {base_ref} differs from the one surgery checkpoint {folder} was made for "
-                              "(config or weight files changed); its sidecar may not fit this base", stacklevel=2)
+        base_ref = find_base(folder)["base"]
+        base_ref = base_ref[len("preset:"):] if base_ref.startswith("preset:") else base_ref
     cfg = _resolve_config(folder, config, config_path, recursive_enabled)
     if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / SIDECAR_FILE).is_file():
         saved = RecursiveConfig.from_file(folder / CONFIG_FILE)
