@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""A real experiment in one device call of under 10 minutes on one H200, from scratch: pretrain the `mini` preset
+(29M parameters) on stdlib code + 3-digit MSD-first addition, surgery, phase A, the vanilla control on phase A's
+token budget, eval of all four stages, compare.
+
+It runs the very `rkl` commands a researcher would type, but in ONE process (`rkl.cli.app` called per command):
+on the GPU every new process pays its imports, CUDA start-up and Triton compilation/autotuning of the fla kernels
+again (a first pretrain step took over 47 s there), which seven separate commands cannot afford in 10 minutes.
+Training is time-boxed with SIGALRM turned into KeyboardInterrupt, which rkl handles as Ctrl-C (the last finished
+step is saved); the vanilla control then gets the steps phase A actually ran.
+
+    . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
+    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4   # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def run(args: list[str], seconds: float | None = None) -> int:
+    """One rkl command in this process; with `seconds`, interrupted like Ctrl-C when they run out."""
+    import click
+
+    from rkl.cli import app
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    print(f"\n$ rkl {' '.join(args)}" + (f"   (time box {seconds:.0f} s)" if seconds else ""), flush=True)
+    t = time.perf_counter()
+    if seconds:
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        app(args, prog_name="rkl", standalone_mode=False)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    print(f"-> exit {code} after {time.perf_counter() - t:.0f} s", flush=True)
+    return code
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--work", default="/tmp/rkl_experiment_work")
+    ap.add_argument("--out", default="/tmp/rkl_experiment")
+    ap.add_argument("--pretrain-s", type=float, default=150)
+    ap.add_argument("--phase-a-s", type=float, default=100)
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--chars", type=int, default=500_000, help="max_chars_per_source")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    work, out = Path(args.work), Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    width, prefix = 8, 64  # phase A: prefixes uniform in [prefix/4, prefix] before a width-token chunk
+    data = ["--set", "data=arithmetic+stdlib", "--set", "arithmetic_digits=3",
+            "--set", f"max_chars_per_source={args.chars}"]
+    w = ["--set", f"chunk_width={width}"]
+    b = ["--batch-size", str(args.batch)]
+
+    run(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"), "--steps", "2000",
+         *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50", "--set", "eval_interval=500",
+         "--set", "save_interval=500", *data], args.pretrain_s)
+    run(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
+    run(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
+    run(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit), *data])
+    run(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"),
+         "--steps", "800", *b, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
+         "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
+         "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
+    a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
+    # the control: phase A's rows and mean tokens per row (prefix + chunk), for as many steps as phase A ran
+    run(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
+         "--steps", str(a_steps), *b, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
+         "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
+    for stage in ("phase_a", "finetuned_vanilla"):
+        run(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])
+    run(["compare", "baseline", "after_surgery", "finetuned_vanilla", "phase_a"])
+    for f in [*Path("eval_results").glob("*.json"), *Path("eval_results").glob("*.md"),
+              *Path("eval_results").glob("*.png")]:
+        shutil.copy(f, out / f.name)
+    for stage in ("baseline", "phase_a", "finetuned_vanilla"):
+        if (work / stage / "run.json").is_file():
+            shutil.copy(work / stage / "run.json", out / f"run_{stage}.json")
+    print(f"\nphase A ran {a_steps} steps; whole experiment {time.perf_counter() - t0:.0f} s")
+    md = Path("eval_results/compare.md")
+    print(md.read_text() if md.is_file() else "no compare.md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
