@@ -21,7 +21,7 @@ from rich.markup import escape
 from rkl.config import RecursiveConfig, config_reference_markdown, grouped_field_docs, readers_text, unused_fields
 from rkl.determinism import set_deterministic
 from rkl.train.checkpoint import recover_checkpoint
-from rkl.errors import UserError
+from rkl.errors import UserError, out_of_memory_message
 from rkl.paths import PHASE_STAGES, checkpoint_dir, run_log_dir, stage_config_path
 
 app = typer.Typer(help="Recursive refinement (TRM-style latent recursion) for Kimi-Linear.",
@@ -43,17 +43,21 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # [..] in it is not markup
             raise typer.Exit(2) from None
         except MemoryError:
-            err_console.print("[bold red]error:[/] out of memory; lower --batch-size or seq_len (--set seq_len=N)")
+            message = out_of_memory_message(fn.__name__.rstrip("_"), kwargs.get("phase"), gpu=False)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
             raise typer.Exit(2) from None
-        except Exception as e:  # CUDA OOM is a RuntimeError subclass; only that one is the user's to fix
-            if type(e).__name__ == "OutOfMemoryError":
-                err_console.print("[bold red]error:[/] GPU out of memory; lower --batch-size, enable "
-                                  "--set gradient_checkpointing=true, or use more GPUs")
-                raise typer.Exit(2) from None
-            raise
+        except Exception as e:
+            # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError) is a RuntimeError subclass: only that one is
+            # the user's to fix. torch is looked up, not imported: a command that never imported it cannot raise it.
+            torch = sys.modules.get("torch")
+            if torch is None or not isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+                raise
+            message = out_of_memory_message(fn.__name__.rstrip("_"), kwargs.get("phase"))
+            err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+            raise typer.Exit(2) from None
     return wrapper
 
 

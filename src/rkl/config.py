@@ -159,7 +159,8 @@ class RecursiveConfig:
                     problems.append(f"{f.name}: {value} is above the maximum {meta['hi']}")
         if not problems:
             if self.min_commit_threshold > self.commit_threshold:
-                problems.append("min_commit_threshold: must be <= commit_threshold")
+                problems.append(f"min_commit_threshold: must be <= commit_threshold, got {self.min_commit_threshold} > "
+                            f"{self.commit_threshold}; lower min_commit_threshold or raise commit_threshold")
             if self.layers_to_refine is not None:
                 if any(i < 0 for i in self.layers_to_refine):
                     problems.append("layers_to_refine: layer indices must be >= 0")
@@ -299,7 +300,8 @@ def inheritance_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
     seen: list[Path] = []
     while True:
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}; check the path (the stage files are under "
+                              f"{configs_dir()})")
         if path.resolve() in seen:
             cycle = " -> ".join(p.name for p in [*seen, path.resolve()])
             raise ConfigError(f"{path}: \"{INHERITS}\" makes a cycle ({cycle}); remove it from one of these files")

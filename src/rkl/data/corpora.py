@@ -194,7 +194,10 @@ def _source_documents(component: str, split: str, arithmetic_digits: int) -> lis
     path = Path(component).expanduser()
     if path.suffix.lower() in _FILE_SUFFIXES or path.exists():
         if not path.exists():
-            raise UserError(f"data file not found: {path}")
+            raise UserError(f"data file not found: {path}; fix the path in --set data=... (or the config's data), "
+                            f"or {_SOURCES_HINT}")
+        if path.is_file() and path.stat().st_size <= 65536 and not path.read_bytes().strip():  # blank: no text
+            raise UserError(f"data file {path} is empty: put text in it, or point --set data=... at another source")
         return _file_documents(path, split)
     if _HUB_NAME.fullmatch(component):
         return _hub_documents(component, split)

@@ -179,7 +179,12 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
 
     config = run.config
     if not config.recursive_enabled:
-        raise UserError(f"phase {run.phase} trains the recursive sidecar; its config has recursive_enabled=false")
+        raise UserError(f"phase {run.phase} trains the recursive sidecar, but its config has recursive_enabled=false: "
+                        "drop that setting (`rkl train --phase vanilla` trains the base alone)")
+    if config.seq_len <= config.chunk_width:
+        raise UserError(f"seq_len {config.seq_len} is phase {run.phase}'s budget for prefix + chunk, and chunk_width "
+                        f"{config.chunk_width} leaves no prefix: raise seq_len above chunk_width (--set seq_len=N) "
+                        "or lower chunk_width")
     accelerator = make_accelerator(config)
     source = resume_source(run)
     if not Path(source).is_dir():
