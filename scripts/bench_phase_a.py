@@ -164,10 +164,12 @@ def largest_batch(base, args, checkpointing: bool) -> list[tuple[int, str]]:
             secs, tokens = loop_step(task, 1)
             peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
             rows.append((b, f"{tokens / secs:,.0f} tok/s, {secs:.2f} s/step, peak {peak:.1f} GiB"))
+            say(f"  batch {b}: {rows[-1][1]}")
             task.wrapper.remove_hooks()
             del task
         except torch.OutOfMemoryError:
             rows.append((b, "out of memory"))
+            say(f"  batch {b}: out of memory")
             break
         finally:
             if torch.cuda.is_available():
@@ -186,43 +188,49 @@ def main() -> None:
     ap.add_argument("--batches", default="", help="comma-separated batch sizes for the largest-batch search")
     ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla step (a 48B base cannot train whole)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top device kernels of one step")
+    ap.add_argument("--loop", action="store_true", help="also time the step as the training loop runs it")
     args = ap.parse_args()
 
     on_gpu = torch.cuda.is_available()
     base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
     device = next(base.parameters()).device
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
+    say(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
           f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}")
 
+    # Every result is printed as soon as it is measured (flushed): on a GPU the first step also pays Triton's
+    # compilation and autotuning of fla's kernels, and a run cut short by a time limit keeps what it measured.
     task = phase_a_task(base, args, args.batch, checkpointing=False)
-    timed_sections(task, 0)  # warm-up
+    t = time.perf_counter()
+    timed_sections(task, 0)
+    say(f"first step (warm-up, incl. kernel compilation): {time.perf_counter() - t:.1f} s")
     runs = [timed_sections(task, s) for s in range(1, 1 + args.repeats)]
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    loop_step(task, 0)
-    loop = [loop_step(task, s) for s in range(1, 1 + args.repeats)]
-    loop_s = statistics.median(s for s, _ in loop)
-    loop_tokens = statistics.median(n for _, n in loop)
+    total = sum(parts.values())
+    say("\n| part of one phase-A step | seconds | share |\n|---|---|---|")
+    for k, v in parts.items():
+        say(f"| {k} | {v:.3f} | {v / total:.0%} |")
+    say(f"| sum of the parts | {total:.3f} | |")
+    tokens = args.batch * (args.prefix + args.width)
+    say(f"\nphase A: {tokens / total:,.0f} tokens/s (prefix + chunk, fixed prefix)")
     t_decode = decode_step(base, args.batch, args.prefix, device)
+    say(f"one cached decode step at batch {args.batch}: {t_decode * 1e3:.1f} ms; the {args.width - 1} drafting "
+        f"steps would cost {(args.width - 1) * t_decode:.3f} s")
+    if args.loop:
+        loop_step(task, 0)
+        loop = [loop_step(task, s) for s in range(1, 1 + args.repeats)]
+        loop_s = statistics.median(s for s, _ in loop)
+        say(f"the step as the training loop runs it (prefix length varies): {loop_s:.3f} s, "
+            f"{statistics.median(n for _, n in loop) / loop_s:,.0f} tokens/s")
     if args.profile and on_gpu:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             loop_step(task, 5)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
     task.wrapper.remove_hooks()
     del task
 
-    print("\n| part of one phase-A step | seconds | share |\n|---|---|---|")
-    total = sum(parts.values())
-    for k, v in parts.items():
-        print(f"| {k} | {v:.3f} | {v / total:.0%} |")
-    print(f"| sum of the parts | {total:.3f} | |")
-    print(f"| the step as the loop runs it (prefix length varies) | {loop_s:.3f} | |")
-    tokens = args.batch * (args.prefix + args.width)
-    print(f"\nphase A: {tokens / total:,.0f} tokens/s (prefix + chunk, fixed prefix); in the loop {loop_tokens / loop_s:,.0f}")
-    print(f"one cached decode step at batch {args.batch}: {t_decode * 1e3:.1f} ms; the {args.width - 1} drafting "
-          f"steps would cost {(args.width - 1) * t_decode:.3f} s")
     if not args.no_vanilla:
         for p in base.parameters():
             p.requires_grad_(True)
@@ -231,15 +239,18 @@ def main() -> None:
                                   for _ in range(args.repeats))
         for p in base.parameters():
             p.requires_grad_(False)
-        print(f"vanilla fine-tune step (forward + backward, T = {args.prefix + args.width}): {t_van:.3f} s, "
-              f"{tokens / t_van:,.0f} tokens/s; phase A / vanilla tokens/s = {t_van / total:.2f}")
+        say(f"vanilla fine-tune step (forward + backward, T = {args.prefix + args.width}): {t_van:.3f} s, "
+            f"{tokens / t_van:,.0f} tokens/s; phase A / vanilla tokens/s = {t_van / total:.2f}")
         no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
-        print(f"phase A without the drafting walk: {tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
+        say(f"phase A without the drafting walk: {tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
     if args.batches:
-        for ckpt in (False, True):
-            print(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")
-            for b, line in largest_batch(base, args, ckpt):
-                print(f"  batch {b}: {line}")
+        for ckpt in (True, False):
+            say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")
+            largest_batch(base, args, ckpt)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
