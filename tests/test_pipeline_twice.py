@@ -71,6 +71,7 @@ def runs(tmp_path_factory):
     """Both runs in one project folder (eval_results/ and logs/ land there), the first one recording field reads."""
     work = tmp_path_factory.mktemp("pipeline")
     (work / "configs").symlink_to(project_root() / "configs")
+    outputs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         with FieldReads() as recorder:
@@ -78,10 +79,11 @@ def runs(tmp_path_factory):
                 recorder.command = command
                 result = runner.invoke(app, args)
                 assert result.exit_code == 0, (command, result.output)
+                outputs[command] = result.stdout
         for command, args in pipeline(work / "run2"):
             result = runner.invoke(app, args)
             assert result.exit_code == 0, (command, result.output)
-    return work, recorder.reads
+    return work, recorder.reads, outputs
 
 
 def sha256(path: Path) -> str:
@@ -89,7 +91,7 @@ def sha256(path: Path) -> str:
 
 
 def test_the_same_seed_gives_identical_checkpoints_and_eval_numbers(runs):
-    work, _ = runs
+    work, _, _ = runs
     one, two = work / "run1", work / "run2"
     compared = sorted(p.relative_to(one) for p in one.rglob("*")
                       if p.suffix in (".safetensors", ".pt") or p.name == "tokenizer.json")
@@ -115,7 +117,7 @@ SURGERY_ON_A_PRESET = {"data", "max_chars_per_source", "arithmetic_digits"}
 
 
 def test_each_command_reads_exactly_the_fields_that_say_it_reads_them(runs):
-    _, reads = runs
+    _, reads, _ = runs
     declared = {name: read_by for name, _, _, _, read_by in RecursiveConfig.field_docs()}
     for command, fields in reads.items():
         undeclared = sorted(f for f in fields if command not in declared[f] and (command, f) not in INERT_READS)
@@ -125,3 +127,32 @@ def test_each_command_reads_exactly_the_fields_that_say_it_reads_them(runs):
     assert by(*REFINE_PHASES) - (reads["a"] | reads["b"]) == NOT_RUN
     assert by("surgery") - reads["surgery"] == SURGERY_ON_A_PRESET
     assert by("eval") - reads["eval"] == set()
+
+
+def test_the_validation_loss_printed_at_the_end_says_what_it_is(runs):
+    """Phase a's line spells out its weighted sum and prints the headline draft CE, K steps against one pass; the
+    numbers are the run's own validation scalars (TensorBoard val/*) at its first and last validation."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work, _, outputs = runs
+
+    def scalars(run: str) -> dict[str, dict[int, float]]:
+        events = EventAccumulator(str(work / "logs" / run)).Reload()
+        return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+    def printed(pattern: str, text: str) -> tuple[float, float]:
+        match = re.search(pattern + r": ([\d.]+) \(step 0\) -> ([\d.]+) \(step (\d+)\)", text)
+        assert match, (pattern, text)
+        return float(match[1]), float(match[2])
+
+    val = scalars("run1__phase_a")
+    weighted = re.escape("validation loss = 1*final + 0.5*masked + 0.1*halt + 0.01*ponder + 1*keep (the lambda-weighted "
+                         "sum of the 5 refinement losses, mean of drafted and corrupted held-out chunks)")
+    for pattern, tag in ((weighted, "val/loss"), (r"held-out draft CE after K = 2 inner steps", "val/draft_ce_k"),
+                         (r"in one pass \(no refinement\)", "val/draft_ce_1")):
+        assert printed(pattern, outputs["a"]) == pytest.approx((val[tag][0], val[tag][2]), abs=1e-4), tag
+    val = scalars("run1__base")
+    lm = re.escape("validation loss = next-token cross-entropy on held-out text (nats per token)")
+    assert printed(lm, outputs["pretrain"]) == pytest.approx((val["val/loss"][0], val["val/loss"][2]), abs=1e-4)

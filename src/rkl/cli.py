@@ -128,9 +128,12 @@ def train(
                           "without --resume")
         raise typer.Exit(0 if stop_at else 130)
     if result.val_history:
-        first, last = result.val_history[0], result.val_history[-1]
-        console.print(f"validation loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
-                      f"(step {last['step']})")
+        if phase in ("pretrain", "vanilla"):
+            from rkl.train.lm import validation_lines
+        else:
+            from rkl.train.refine_phases import validation_lines
+        for line in validation_lines(config, result.val_history[0], result.val_history[-1]):
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
     console.print(f"[green]saved[/] {out} (step {result.steps_done})")
 
 

@@ -13,6 +13,13 @@ from rkl.config import RecursiveConfig
 from rkl.data.packing import lm_batch
 
 
+def validation_lines(config: RecursiveConfig, first: dict[str, float], last: dict[str, float]) -> list[str]:
+    """What `rkl train` prints at the end of pretrain or vanilla: LMTask.validate's loss, named."""
+    return [f"validation loss = next-token cross-entropy on held-out text (nats per token): {first['loss']:.4f} "
+            f"(step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); token accuracy "
+            f"{first['token_accuracy']:.1%} -> {last['token_accuracy']:.1%}"]
+
+
 class LMTask:
     def __init__(self, model: KimiLinearForCausalLM, tokenizer: PreTrainedTokenizerBase, config: RecursiveConfig,
                  train_stream: torch.Tensor, val_stream: torch.Tensor, device: torch.device,

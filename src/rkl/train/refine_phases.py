@@ -27,7 +27,7 @@ from rkl.model.drafts import build_chunk
 from rkl.model.adapters import apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
 from rkl.train.drift import DriftProbe
-from rkl.train.losses import final_ce, refinement_losses, total_loss
+from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
 
@@ -173,6 +173,19 @@ class RefineTask:
         write_base_reference(self.base_reference, Path(out_dir))  # relative to this folder, so a moved tree loads
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
+
+
+def validation_lines(config: RecursiveConfig, first: dict[str, float], last: dict[str, float]) -> list[str]:
+    """What `rkl train` prints at the end of a phase: the validation loss, named (RefineTask.validate's "loss": the
+    weighted sum of the refinement losses, averaged over the drafted and the corrupted held-out chunks), and the
+    headline quantity, the drafted chunks' CE after K inner steps against one pass."""
+    weights = " + ".join(f"{getattr(config, f'lambda_{name}'):g}*{name}" for name in LOSS_NAMES)
+    l2 = ", without the L2 pull" if config.unfreeze_every > 0 else ""
+    span = lambda key: f"{first[key]:.4f} (step {first['step']}) -> {last[key]:.4f} (step {last['step']})"  # noqa: E731
+    return [f"validation loss = {weights} (the lambda-weighted sum of the {len(LOSS_NAMES)} refinement losses{l2}, "
+            f"mean of drafted and corrupted held-out chunks): {span('loss')}",
+            f"held-out draft CE after K = {config.max_inner_steps} inner steps: {span('draft_ce_k')}; in one pass "
+            f"(no refinement): {span('draft_ce_1')}"]
 
 
 def run_refine_phase(run: PhaseRun) -> TrainResult:
