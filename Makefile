@@ -48,8 +48,13 @@ pretrain: install
 compare: install
 	$(RKL) compare
 
+# TensorBoard serves logs/ to this machine only (reach it over `ssh -L`); `make tensorboard TB_HOST=0.0.0.0` exposes
+# it to the network, with a warning: it has no authentication.
+TB_HOST ?= 127.0.0.1
 tensorboard: install
-	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port 6006
+	@if [ "$(TB_HOST)" != 127.0.0.1 ] && [ "$(TB_HOST)" != localhost ]; then \
+		echo "warning: TensorBoard on $(TB_HOST):6006 has no authentication: anyone who can reach this machine can read logs/" >&2; fi
+	$(VENV)/bin/tensorboard --logdir logs --host $(TB_HOST) --port 6006
 
 bench: install
 	$(PY) scripts/bench_inner_loop.py --preset tiny
