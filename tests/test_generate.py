@@ -176,3 +176,10 @@ def test_a_missing_stage_is_one_line_and_exit_2(tmp_path, monkeypatch):
     assert "no checkpoint for stage 'phase_b'" in line
     line = one_line_error(runner.invoke(app, ["generate", "--stage", "x", "--model", str(tmp_path / "none"), PROMPT]))
     assert "none" in line
+
+
+def test_help_names_every_flag():
+    out = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--stage", "--file", "--max-new-tokens", "--chunk-width", "--max-inner-steps", "--show-steps",
+                 "--model", "--set"):
+        assert flag in out, flag
