@@ -41,6 +41,12 @@ def test_the_saved_tokenizer_carries_the_convention_without_rkl(tokenizer, tmp_p
         assert [t for t, m in zip(row, mask) if m] == encode_prompt(tokenizer, text)
 
 
+def test_a_chat_templated_prompt_gets_one_separator_not_two(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "12+34="}], tokenize=False)
+    assert text.startswith("<eos>")
+    assert encode_prompt(tokenizer, text) == encode_prompt(tokenizer, "12+34=")
+
+
 def test_tokenizers_saved_before_the_convention_encode_the_same(tokenizer, tmp_path):
     from tokenizers import processors
 

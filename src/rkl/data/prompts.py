@@ -37,8 +37,12 @@ def document_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a prompt: the document separator (EOS), then the text's ids with no special tokens added."""
-    return [document_separator_id(tokenizer)] + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of a prompt: the document separator (EOS), then the text's ids with no special tokens added.
+
+    Text that already starts with the separator's string (the chat template's output) is not given a second one."""
+    sep = document_separator_id(tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids if ids[:1] == [sep] and text.startswith(str(tokenizer.eos_token)) else [sep] + ids
 
 
 def apply_prompt_convention(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
