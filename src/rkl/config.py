@@ -121,7 +121,7 @@ class RecursiveConfig:
     min_lr_ratio: float = _f(0.1, "Cosine decay floor as a fraction of each group's peak lr.", lo=0.0, hi=1.0, read_by=TRAIN_PHASES)
     weight_decay: float = _f(0.01, "AdamW weight decay.", lo=0.0, read_by=TRAIN_PHASES)
     grad_clip: float = _f(1.0, "Gradient-norm clip (0 = off).", lo=0.0, read_by=TRAIN_PHASES)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (large models).", read_by=TRAIN_PHASES)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (large models): pretrain/vanilla use transformers' per-layer checkpointing; phases a/b/c recompute each inner step from the chunk-start snapshot, which keeps the cached prefix (the default cache policy or reset_all).", read_by=TRAIN_PHASES)
     log_interval: int = _f(10, "Steps between TensorBoard scalars.", lo=1, read_by=TRAIN_PHASES)
     eval_interval: int = _f(50, "Steps between validation passes.", lo=1, read_by=TRAIN_PHASES)
     eval_batches: int = _f(4, "Validation micro-batches per evaluation.", lo=1, read_by=TRAIN_PHASES)
