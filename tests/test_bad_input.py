@@ -206,13 +206,18 @@ ROWS = [
 
 # --- running a row ---------------------------------------------------------------------------------------
 def make_stages(root: Path) -> Path:
-    """ck/base (one pretrain step: weights and a tokenizer), ck/surgery and ck/phase_a (one step) under root."""
+    """ck/base (one pretrain step: weights and a tokenizer), ck/surgery and ck/phase_a (one step) under root (their
+    TensorBoard logs too: the runs happen in root)."""
     ck = root / "ck"
-    for args in (["train", "--phase", "pretrain", "--model", "tiny", *TINY, "--out", f"{ck}/base"],
-                 ["surgery", "--model", f"{ck}/base", "--out", f"{ck}/surgery", *DATA],
-                 ["train", "--phase", "a", "--model", f"{ck}/surgery", *TINY, "--out", f"{ck}/phase_a"]):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, result.output
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "configs").symlink_to(project_root() / "configs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for args in (["train", "--phase", "pretrain", "--model", "tiny", *TINY, "--out", f"{ck}/base"],
+                     ["surgery", "--model", f"{ck}/base", "--out", f"{ck}/surgery", *DATA],
+                     ["train", "--phase", "a", "--model", f"{ck}/surgery", *TINY, "--out", f"{ck}/phase_a"]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
     return ck
 
 
