@@ -58,9 +58,9 @@ def test_surgery_on_a_preset_writes_the_sidecar_and_a_tokenizer(tmp_path):
 
 def test_surgery_is_reproducible_and_replaces_atomically(tmp_path):
     cfg = RecursiveConfig()
-    run_surgery("tiny", cfg, tmp_path / "s")
+    surgery("tiny", cfg, tmp_path / "s")  # (rkl surgery's tokenizer for a preset is tested above)
     first = load_file(str(tmp_path / "s" / "sidecar.safetensors"))
-    run_surgery("tiny", cfg, tmp_path / "s")  # over an existing folder
+    surgery("tiny", cfg, tmp_path / "s")  # over an existing folder
     second = load_file(str(tmp_path / "s" / "sidecar.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
@@ -88,7 +88,7 @@ def test_surgery_on_a_checkpoint_folder_references_it(tmp_path, base_dir):
 
 def test_config_resolution_order(tmp_path):
     out = tmp_path / "s"
-    run_surgery("tiny", RecursiveConfig(d_state=8), out)
+    surgery("tiny", RecursiveConfig(d_state=8), out)
     assert load_model_with_config(out)[2].d_state == 8  # the folder's recursive_config.json
     path = tmp_path / "other.json"
     RecursiveConfig(d_state=8, chunk_width=4).save(path)

@@ -27,7 +27,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -87,11 +87,12 @@ def _config_dtype(cfg: KimiLinearConfig) -> torch.dtype:
 
 
 def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: str | Path,
-            dtype: str | torch.dtype | None = None, tokenizer: Any = None) -> dict[str, Any]:
+            dtype: str | torch.dtype | None = None, make_tokenizer: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Write a surgery checkpoint for a base; returns {"out", "base", "base_sha256", "sidecar_params",
     "sidecar_bytes", "dtype"}. The sidecar is neutral (surgery changes no output) and float32 whatever the base's
-    dtype ("dtype" records the base's): it is what trains. `tokenizer`, if given, is saved in the folder (a preset
-    base has none of its own)."""
+    dtype ("dtype" records the base's): it is what trains. `make_tokenizer`, if given, builds a tokenizer to save in
+    the folder (a preset base has none of its own); it is called only once the config and base have passed their
+    checks, so a mistake is reported before seconds of tokenizer training."""
     if not config.recursive_enabled:
         raise UserError("surgery builds the recursive sidecar, but the config has recursive_enabled=false; "
                         "set recursive_enabled=true (e.g. configs/after_surgery.json)")
@@ -105,6 +106,7 @@ def surgery(base_path_or_preset: str | Path, config: RecursiveConfig, out_dir: s
     n_params = sum(v.numel() for v in state.values())
     n_bytes = sum(v.numel() * v.element_size() for v in state.values())
     out = Path(out_dir)
+    tokenizer = make_tokenizer() if make_tokenizer is not None else None
     info = {"base": ref, "base_sha256": sha, "sidecar_params": n_params, "sidecar_bytes": n_bytes,
             "dtype": str(torch_dtype).replace("torch.", "")}
     with atomic_dir(out) as tmp:
@@ -122,15 +124,16 @@ def run_surgery(model: str, config: RecursiveConfig, out: Path) -> dict[str, Any
     A preset base (random weights: the 48B architecture for smoke tests and benchmarks) has no tokenizer, so one is
     trained on the config's training data, as pretrain does, and saved with the sidecar: `rkl eval` and
     `rkl train --phase a` then run on the folder like on any other."""
-    tokenizer = None
-    if not Path(model).is_dir() and model in preset_names():
+    def preset_tokenizer() -> Any:
         from rkl.data.corpora import load_documents
         from rkl.data.tokenizer import train_tokenizer
 
         docs = load_documents(config.data, "train", arithmetic_digits=config.arithmetic_digits,
                               max_chars=config.max_chars_per_source)
-        tokenizer = train_tokenizer(docs, preset_config(model).vocab_size, exact=False)
-    return surgery(model, config, out, tokenizer=tokenizer)
+        return train_tokenizer(docs, preset_config(model).vocab_size, exact=False)
+
+    is_preset = not Path(model).is_dir() and model in preset_names()
+    return surgery(model, config, out, make_tokenizer=preset_tokenizer if is_preset else None)
 
 
 def write_base_reference(info: dict[str, Any], folder: Path) -> dict[str, Any]:
