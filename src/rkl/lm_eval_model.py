@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from rkl.data.prompts import document_separator_id, encode_prompt
 from rkl.errors import UserError
+from rkl.stage_model import load_stage_model
 
 # RecursiveConfig fields a model_args key may override, on top of the stage's config
 CONFIG_ARGS = ("chunk_width", "max_inner_steps", "commit_threshold", "min_commit_threshold", "edit_margin",
@@ -52,7 +53,8 @@ class RklLM(TemplateLM):
     its config, as `rkl eval --stage`), `recursive_config=FILE`, `dtype=float32|bfloat16|float16`, `max_length=N`
     (default: the model's max_position_embeddings), `max_gen_toks=N` (default 256, as lm-eval's HF model), and
     any of chunk_width, max_inner_steps (K), commit_threshold, min_commit_threshold, edit_margin,
-    reuse_stale_suffix. `device` is not used: like `rkl eval`, the model goes to the GPU when there is one.
+    reuse_stale_suffix. `device` is not used: like `rkl eval`, the model goes to the GPU when there is one; nor
+    is `max_batch_size` (it bounds lm-eval's "auto" batch size, which this model does not have).
     From Python, `loaded=` takes a StageModel already loaded (rkl.stage_model; what `rkl eval --tasks` passes).
     """
 
@@ -62,9 +64,7 @@ class RklLM(TemplateLM):
                  dtype: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, device: str | None = None,
                  loaded: Any = None, **overrides: Any) -> None:
-        super().__init__()
-        from rkl.stage_model import load_stage_model
-
+        super().__init__()  # max_batch_size and device: lm-eval passes them to every model; see the docstring
         unknown = sorted(set(overrides) - set(CONFIG_ARGS))
         if unknown:
             raise UserError(f"unknown rkl model_args {', '.join(unknown)}: use checkpoint, stage, recursive_config, "
