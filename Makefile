@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 		$(VENV)/bin/pip uninstall -y -q triton; fi
 	touch $@
 
+# Two workers: the tests run single-threaded (tests/conftest.py), so a 2-core machine runs two at once
+# (measured: 3 min 26 s instead of 5 min 31 s of pytest).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # The whole pipeline on the embedded tiny Kimi-Linear (CPU, no network).
 demo: install
