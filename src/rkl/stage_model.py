@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from rkl.config import RecursiveConfig
-from rkl.errors import UserError
-from rkl.eval.runner import require_sidecar, resolve_eval_config, resolve_model
+from rkl.eval.runner import load_for_eval, require_sidecar, resolve_eval_config, resolve_model
 
 
 @dataclass
@@ -45,16 +44,9 @@ def load_stage_model(stage: str, model: str | None = None, config_path: str | Pa
                      dtype: str | torch.dtype | None = None) -> StageModel:
     """Load a stage the way `rkl eval` does; UserError (one line) for a missing checkpoint, a recursive config on a
     folder without a sidecar, or a folder without a tokenizer."""
-    from rkl.model.surgery import load_model_with_config
-
     target = resolve_model(stage, model)
     folder = Path(target) if Path(target).is_dir() else None
     config, source, _ = resolve_eval_config(stage, folder, config_path, list(overrides or []), chunk_width)
     require_sidecar(config, folder)
-    wrapper, tokenizer, config = load_model_with_config(target, config=config, dtype=dtype,
-                                                        device_map="auto" if torch.cuda.is_available() else None)
-    if tokenizer is None:
-        raise UserError(f"{target} has no tokenizer: use a trained checkpoint folder "
-                        "(`rkl train --phase pretrain` writes one)")
-    wrapper.eval()
+    wrapper, tokenizer, config = load_for_eval(target, config, dtype)
     return StageModel(wrapper, tokenizer, config, target, source)

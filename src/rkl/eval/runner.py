@@ -96,6 +96,21 @@ def require_sidecar(config: RecursiveConfig, folder: Path | None) -> None:
                         "scored as if trained; pass --set recursive_enabled=false, or finish that stage's training")
 
 
+def load_for_eval(target: Path | str, config: RecursiveConfig, dtype: str | torch.dtype | None = None
+                  ) -> tuple[Any, Any, RecursiveConfig]:
+    """(wrapper in eval mode, tokenizer, config) of a resolved target, on the GPU when there is one; UserError for a
+    folder without a tokenizer. What `rkl eval`, `rkl generate` and the lm-eval model all load through."""
+    from rkl.model.surgery import load_model_with_config
+
+    wrapper, tokenizer, config = load_model_with_config(target, config=config, dtype=dtype,
+                                                        device_map="auto" if torch.cuda.is_available() else None)
+    if tokenizer is None:
+        raise UserError(f"{target} has no tokenizer: use a trained checkpoint folder "
+                        "(`rkl train --phase pretrain` writes one)")
+    wrapper.eval()
+    return wrapper, tokenizer, config
+
+
 def checkpoint_record(model: Path | str) -> dict[str, Any]:
     """Path and sha256 of what is scored: results.sha256_file of the folder (every file's bytes), or for a folder
     over 1 GiB a fingerprint of its JSON files' bytes and every file's name and size (says which in "hash")."""
@@ -202,12 +217,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     torch.manual_seed(config.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    wrapper, tokenizer, config = load_model_with_config(target, config=config, dtype=dtype,
-                                                        device_map="auto" if torch.cuda.is_available() else None)
-    if tokenizer is None:
-        raise UserError(f"{target} has no tokenizer: evaluate a trained checkpoint folder "
-                        "(`rkl train --phase pretrain` writes one)")
-    wrapper.eval()
+    wrapper, tokenizer, config = load_for_eval(target, config, dtype)
     timings["load_s"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
