@@ -476,3 +476,30 @@ def test_step_checkpointing_refuses_keep_all(bases):
         w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, cache_reset_policy="keep_all")
     w.remove_hooks()
     bases["float32"].eval()
+
+
+def test_step_checkpointing_holds_no_cache_until_backward(bases):
+    """A checkpointed step keeps its function until backward: it must not keep an earlier step's cache alive (K - 1
+    whole caches, each holding the prefix's MLA latents, stayed in memory in a first version)."""
+    import gc
+
+    from transformers.cache_utils import Cache
+
+    base = bases["float32"]
+    for p in base.parameters():
+        p.requires_grad_(False)
+    try:
+        w = wrap(base, max_inner_steps=4, gradient_checkpointing=True, chunk_width=5)
+        randomize_outputs(w)
+        w.train()
+        *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
+        res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
+        gc.collect()
+        live = [o for o in gc.get_objects() if issubclass(type(o), Cache)]
+        assert live == []
+        sum(lg.sum() for lg in res.logits).backward()
+        w.remove_hooks()
+    finally:
+        for p in base.parameters():
+            p.requires_grad_(True)
+        base.eval()

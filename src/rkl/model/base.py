@@ -97,7 +97,9 @@ def build_preset(name: str, dtype: torch.dtype | None = None, device_map: str | 
     It is built in the preset's own `dtype` when its JSON declares one (the 48B preset: bfloat16, 91.5 GiB instead
     of 183 GiB), else in float32, and then cast to `dtype` if that differs: so the small presets' weights do not
     depend on the dtype asked for beyond its rounding, and every stage that rebuilds a preset (surgery, eval,
-    training) gets the same weights on the same device."""
+    training) gets the same weights on the same device. The weights do depend on the device: the GPU's random
+    generator is not the CPU's (and may fill differently on another GPU model), so a preset surgery folder is only
+    comparable with stages run on the same kind of device."""
     config = preset_config(name)
     declared = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
     torch.manual_seed(seed)

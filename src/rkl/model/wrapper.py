@@ -423,11 +423,15 @@ class ChunkRefineWrapper(nn.Module):
                 start = 0
             fresh_cache = policy != "keep_all" or t == 0  # cache built inside the step: the step can be recomputed
 
-            def step_forward(x: torch.Tensor, *delta_list: torch.Tensor | None, cache=cache, mask=mask, pos=pos,
-                             start=start, fresh_cache=fresh_cache):
+            # Bound as defaults, not read from the loop's variables: a checkpointed step keeps this function (and
+            # its defaults) until backward, so it must hold no earlier step's cache it does not use.
+            def step_forward(x: torch.Tensor, *delta_list: torch.Tensor | None,
+                             cache=None if fresh_cache else cache, mask=mask, pos=pos, start=start,
+                             fresh_cache=fresh_cache):
                 """One inner step's forward: (chunk hidden states, [Z]'s hidden state or None, per-layer hidden
-                states at the chunk positions for the cells). A pure function of its inputs and the snapshot when
-                the step builds its own cache, which is what lets it be recomputed in backward."""
+                states at the chunk positions for the cells, the working cache for keep_all's next step or None).
+                A pure function of its inputs and the snapshot when the step builds its own cache, which is what
+                lets it be recomputed in backward."""
                 if fresh_cache:
                     cache = (restore_cache(snapshot, grad_friendly=True) if policy != "reset_all"
                              else new_cache(self.base.config, grad_friendly=True) if use_z else None)
@@ -441,7 +445,10 @@ class ChunkRefineWrapper(nn.Module):
                     z = self.latent_token(b).to(device=x.device, dtype=x.dtype)
                     z_hidden = self._run(z, torch.cat([mask, ones(1)], 1), pos[:, -1:] + 1, cache, None)[:, -1]
                 layer_hidden = tuple(pass_state.hidden[i] for i in self.layers_to_refine)
-                return hidden[:, start:start + w], z_hidden, layer_hidden, cache
+                h_text = hidden[:, start:start + w]
+                if start > 0:  # reset_all: copies, so that no slice keeps a whole prefix + chunk tensor alive
+                    h_text, layer_hidden = h_text.clone(), tuple(h.clone() for h in layer_hidden)
+                return h_text, z_hidden, layer_hidden, cache if policy == "keep_all" else None
 
             delta_list = [deltas[i] for i in self.layers_to_refine]
             if self._checkpoint_steps(policy):
