@@ -28,6 +28,7 @@ from rkl import ChunkRefineWrapper, RecursiveConfig
 from rkl.data.chunks import ChunkBatch, chunk_batch, chunk_modes
 from rkl.model.base import build_preset
 from rkl.model.drafts import build_chunk
+from rkl.paths import stage_config_path
 from rkl.train.losses import refinement_losses, total_loss
 from rkl.train.refine_phases import RefineTask, step_generator
 
@@ -43,9 +44,10 @@ def autocast(device: torch.device):
 
 
 def phase_a_task(base, args, batch: int, checkpointing: bool) -> RefineTask:
-    config = RecursiveConfig(chunk_width=args.width, max_inner_steps=args.k, refine_cell_type="chunk_attention",
-                             batch_size=batch, seq_len=args.prefix + args.width, gradient_checkpointing=checkpointing,
-                             draft_share=0.5, splice_share=0.5, edit_margin=1.4, steps=1000)
+    # phase A as the stage file configures it (cell, draft/splice shares, edit margin), at the benchmark's shapes
+    config = RecursiveConfig.from_file(stage_config_path("phase_a")).replace(
+        chunk_width=args.width, max_inner_steps=args.k, batch_size=batch, seq_len=args.prefix + args.width,
+        gradient_checkpointing=checkpointing, steps=1000)
     wrapper = ChunkRefineWrapper(base, config)
     device = next(base.parameters()).device
     wrapper.to(device)

