@@ -45,6 +45,13 @@ def randomize_outputs(w: ChunkRefineWrapper, std: float = 0.05, seed: int = 0) -
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
 
 
+def every_step_loss(res, chunk: torch.Tensor) -> torch.Tensor:
+    """A loss that reads every inner step's logits and commit logit (so gradients must reach every sidecar part)."""
+    target = torch.roll(chunk, 1, dims=1)
+    loss = sum(F.cross_entropy(lg.flatten(0, 1), target.flatten()) for lg in res.logits)
+    return loss + sum(F.binary_cross_entropy_with_logits(c, torch.ones_like(c)) for c in res.commit_logits)
+
+
 def chunk_setup(w: ChunkRefineWrapper, width: int = 5):
     ids, mask = prompt()
     snap, prev = w.prepare_prefix(ids, mask)
@@ -239,10 +246,7 @@ def test_gradients_reach_every_sidecar_parameter(bases, cell_type, latent):
     randomize_outputs(w)
     *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
     res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
-    target = torch.roll(chunk, 1, dims=1)
-    loss = sum(F.cross_entropy(lg.flatten(0, 1), target.flatten()) for lg in res.logits)
-    loss = loss + sum(F.binary_cross_entropy_with_logits(c, torch.ones_like(c)) for c in res.commit_logits)
-    loss.backward()
+    every_step_loss(res, chunk).backward()
     w.remove_hooks()
     for name, p in [(n, p) for n, p in w.named_parameters() if not n.startswith("base.")]:
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
@@ -435,9 +439,7 @@ def _saved_bytes_and_grads(base, checkpointing: bool, latent: bool, policy: str)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask, prefix_ids=ids,
                              cache_reset_policy=policy)
-        target = torch.roll(chunk, 1, dims=1)
-        loss = sum(F.cross_entropy(lg.flatten(0, 1), target.flatten()) for lg in res.logits)
-        loss = loss + sum(F.binary_cross_entropy_with_logits(c, torch.ones_like(c)) for c in res.commit_logits)
+        loss = every_step_loss(res, chunk)
     loss.backward()
     w.remove_hooks()
     grads = {n: p.grad.clone() for n, p in w.named_parameters() if not n.startswith("base.")}
