@@ -54,6 +54,31 @@ def run(args: list[str], seconds: float | None = None) -> int:
     return code
 
 
+def export(out: Path, work: Path) -> None:
+    """Copy what exists so far into `out`: a device call that runs out of time still returns every finished result."""
+    from rkl.paths import eval_results_dir
+
+    results = eval_results_dir()
+    for f in [*results.glob("*.json"), *results.glob("*.md"), *results.glob("*.png")]:
+        shutil.copy(f, out / f.name)
+    for stage in ("baseline", "after_surgery", "phase_a", "finetuned_vanilla"):
+        for name in ("run.json", "config.json"):
+            if (work / stage / name).is_file():
+                shutil.copy(work / stage / name, out / f"{stage}_{name}")
+
+
+def environment() -> dict:
+    """What the numbers depend on: device, library versions, which KDA implementation ran."""
+    import torch
+    import transformers
+
+    from rkl.model.kernels import fla_kernels_available
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "kda": "fla Triton kernels" if fla_kernels_available() else "transformers' PyTorch reference"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mini")
@@ -75,32 +100,34 @@ def main() -> None:
     w = ["--set", f"chunk_width={width}"]
     b = ["--batch-size", str(args.batch)]
 
-    run(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"), "--steps", "2000",
+    (out / "environment.json").write_text(json.dumps(environment(), indent=1))
+
+    def step(command: list[str], seconds: float | None = None) -> None:
+        run(command, seconds)
+        export(out, work)
+
+    step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"), "--steps", "2000",
          *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50", "--set", "eval_interval=500",
          "--set", "save_interval=500", *data], args.pretrain_s)
-    run(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
-    run(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
-    run(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit), *data])
-    run(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"),
+    step(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
+    step(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
+    step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit), *data])
+    step(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"),
          "--steps", "800", *b, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
          "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
          "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
     # the control: phase A's rows and mean tokens per row (prefix + chunk), for as many steps as phase A ran
-    run(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
+    step(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
          "--steps", str(a_steps), *b, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
          "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
     for stage in ("phase_a", "finetuned_vanilla"):
-        run(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])
-    run(["compare", "baseline", "after_surgery", "finetuned_vanilla", "phase_a"])
-    for f in [*Path("eval_results").glob("*.json"), *Path("eval_results").glob("*.md"),
-              *Path("eval_results").glob("*.png")]:
-        shutil.copy(f, out / f.name)
-    for stage in ("baseline", "phase_a", "finetuned_vanilla"):
-        if (work / stage / "run.json").is_file():
-            shutil.copy(work / stage / "run.json", out / f"run_{stage}.json")
+        step(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])
+    step(["compare", "baseline", "after_surgery", "finetuned_vanilla", "phase_a"])
     print(f"\nphase A ran {a_steps} steps; whole experiment {time.perf_counter() - t0:.0f} s")
-    md = Path("eval_results/compare.md")
+    from rkl.paths import eval_results_dir
+
+    md = eval_results_dir() / "compare.md"
     print(md.read_text() if md.is_file() else "no compare.md")
 
 
