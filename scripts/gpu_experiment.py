@@ -10,7 +10,7 @@ Training is time-boxed with SIGALRM turned into KeyboardInterrupt, which rkl han
 step is saved); the vanilla control then gets the steps phase A actually ran.
 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
-    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4   # CPU check
+    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4 --finetune-batch 4  # CPU check
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ def main() -> None:
     ap.add_argument("--pretrain-s", type=float, default=150)
     ap.add_argument("--phase-a-s", type=float, default=100)
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="pretraining batch (rows of seq_len 256)")
+    ap.add_argument("--finetune-batch", type=int, default=128,
+                    help="phase A's and the vanilla control's batch: on a GPU a step of the small model is bound by "
+                         "kernel launches, so more rows per step cost little time")
     ap.add_argument("--chars", type=int, default=500_000, help="max_chars_per_source")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -99,6 +102,7 @@ def main() -> None:
             "--set", f"max_chars_per_source={args.chars}"]
     w = ["--set", f"chunk_width={width}"]
     b = ["--batch-size", str(args.batch)]
+    fb = ["--batch-size", str(args.finetune_batch)]
 
     (out / "environment.json").write_text(json.dumps(environment(), indent=1))
 
@@ -113,13 +117,13 @@ def main() -> None:
     step(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
     step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit), *data])
     step(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"),
-         "--steps", "800", *b, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
+         "--steps", "800", *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
          "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
          "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
     # the control: phase A's rows and mean tokens per row (prefix + chunk), for as many steps as phase A ran
     step(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
-         "--steps", str(a_steps), *b, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
+         "--steps", str(a_steps), *fb, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
          "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
     for stage in ("phase_a", "finetuned_vanilla"):
         step(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])
