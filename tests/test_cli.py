@@ -12,6 +12,15 @@ from rkl.cli import app
 from rkl.paths import project_root
 
 runner = CliRunner()
+CHECKOUT = project_root()
+
+
+@pytest.fixture(autouse=True)
+def project_in_tmp(tmp_path, monkeypatch):
+    """The project root is tmp_path (with the real configs/): training runs here write their TensorBoard logs and
+    plots under tmp_path, never into the checkout's logs/, where `rkl compare` would plot them as a user's runs."""
+    (tmp_path / "configs").symlink_to(CHECKOUT / "configs")
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize("command", ["train", "surgery", "eval", "compare", "config"])
@@ -59,7 +68,7 @@ def test_unknown_phase_and_missing_start_checkpoint(tmp_path):
 
 def test_real_process_exit_code_and_single_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rkl", "config", "--stage", "phase_a", "--set", "seed=-1"],
-                          capture_output=True, text=True, cwd=project_root())
+                          capture_output=True, text=True, cwd=CHECKOUT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "seed" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -67,7 +76,7 @@ def test_real_process_exit_code_and_single_line(tmp_path):
 
 def test_readme_config_reference_is_the_code_s():
     """The README's table is `rkl config --markdown`: every field, its type, default, readers and meaning."""
-    readme = (project_root() / "README.md").read_text()
+    readme = (CHECKOUT / "README.md").read_text()
     table = runner.invoke(app, ["config", "--markdown"]).output
     assert table == config_reference_markdown() and table in readme
     for name in RecursiveConfig().to_dict():
@@ -136,8 +145,6 @@ def test_compare_of_a_missing_stage_lists_what_is_evaluated(tmp_path, monkeypatc
 
     save_result(make_result("phase_a", {"perplexity": 10.0}), tmp_path / "eval_results")
     monkeypatch.setattr("rkl.eval.report.eval_results_dir", lambda: tmp_path / "eval_results", raising=False)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").symlink_to(project_root() / "configs")
     msg = user_error(["compare", "baseline", "phase_z"], tmp_path)
     assert "evaluated so far: phase_a" in msg
 
