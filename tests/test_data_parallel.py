@@ -1,5 +1,6 @@
 """Data-parallel training on 2 CPU processes (gloo, launched with torchrun): the same curve as one process at the same
-global batch, only the main process writes, and resume is exact."""
+global batch, only the main process writes, and resume is exact. Phase A with the base sharded by FSDP2 trains
+exactly what data parallel trains."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ SETTINGS = ["--set", "data=shakespeare+arithmetic", "--set", "max_chars_per_sour
             "--set", "log_interval=1", "--set", "warmup_steps=0", "--set", "save_interval=4"]
 
 
-def rkl(cwd: Path, args: list[str], processes: int = 1) -> None:
+def rkl(cwd: Path, args: list[str], processes: int = 1, env: dict[str, str] | None = None) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "rkl"]
                 if processes > 1 else [sys.executable, "-m", "rkl"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project_root() / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project_root() / "src"),
+           **(env or {})}
     done = subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
@@ -68,3 +70,54 @@ def test_two_processes_resume_exactly(runs):
     b = load_file(str(runs / "ck/two_resumed/model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate launch` with fsdp2.yaml sets
+
+
+@pytest.fixture(scope="module")
+def phase_a_runs(tmp_path_factory):
+    """Phase A on 2 processes, data parallel and with the base sharded by FSDP2 (plus a stop and a resume)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "configs").symlink_to(project_root() / "configs")
+    rkl(root, ["train", "--phase", "pretrain", "--model", "tiny", "--steps", "2", "--batch-size", "4", "--out", "ck/base",
+               *SETTINGS])
+    rkl(root, ["surgery", "--model", "ck/base", "--out", "ck/surgery"])
+    phase_a = ["train", "--phase", "a", "--model", "ck/surgery", "--steps", "3", "--batch-size", "2", *SETTINGS,
+               "--set", "eval_interval=3", "--set", "save_interval=3"]
+    rkl(root, phase_a + ["--out", "ck/ddp"], processes=2)
+    rkl(root, phase_a + ["--out", "ck/fsdp"], processes=2, env=FSDP_ENV)
+    rkl(root, phase_a + ["--out", "ck/fsdp_resumed", "--stop-at", "2"], processes=2, env=FSDP_ENV)
+    rkl(root, phase_a + ["--out", "ck/fsdp_resumed", "--resume"], processes=2, env=FSDP_ENV)
+    return root
+
+
+def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase_a_runs):
+    root = phase_a_runs
+    meta = json.loads((root / "ck/fsdp/run.json").read_text())
+    assert "fsdp" not in json.loads((root / "ck/ddp/run.json").read_text())
+    shards = meta["fsdp"]
+    assert shards["sharded_layers"] == 4 and meta["world_size"] == 2
+    # each process holds half of every decoder layer; embeddings, final norm and LM head stay whole
+    layers = shards["base_parameters"] - shards["base_parameters_here"]
+    assert 0.3 * shards["base_parameters"] < 2 * layers < shards["base_parameters"]
+    # all-gathered weights are the weights: the sidecar ends bitwise equal to the data-parallel run's
+    ddp, fsdp = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("ddp", "fsdp"))
+    assert ddp.keys() == fsdp.keys() and all(torch.equal(ddp[k], fsdp[k]) for k in ddp)
+    for tag in ("train/loss/total", "val/loss"):
+        assert curve(root, "ddp", tag) == curve(root, "fsdp", tag), tag
+    resumed = load_file(str(root / "ck/fsdp_resumed/sidecar.safetensors"))
+    assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "vanilla", "b"])
+def test_fsdp_is_refused_where_the_base_itself_trains(phase, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rkl.cli import app
+
+    for k, v in FSDP_ENV.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(app, ["train", "--phase", phase, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "configs/accelerate/ddp.yaml" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()

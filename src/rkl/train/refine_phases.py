@@ -29,6 +29,7 @@ from rkl.train.drift import DriftProbe
 from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
+from rkl.train.sharding import fsdp_requested, shard_decoder_layers
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -216,6 +217,8 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()))
+    if fsdp_requested():  # phase A only (run_phase refused the others): the sidecar is all it trains
+        meta["fsdp"] = shard_decoder_layers(wrapper.base, accelerator.num_processes)
     pretrained = None
     if config.unfreeze_every > 0:  # phase C: a plain copy of the base for the L2 reference and the drift
         base_ref = base_reference["base"]
