@@ -10,6 +10,7 @@ Training is time-boxed with SIGALRM turned into KeyboardInterrupt, which rkl han
 step is saved); the vanilla control then gets the steps phase A actually ran.
 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
+    python3 scripts/gpu_experiment.py --out $OUT --more --phase-a-s 210   # later, on the same machine: train longer
     python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4 --finetune-batch 4  # CPU check
 """
 
@@ -92,10 +93,16 @@ def main() -> None:
                     help="phase A's and the vanilla control's batch: on a GPU a step of the small model is bound by "
                          "kernel launches, so more rows per step cost little time")
     ap.add_argument("--chars", type=int, default=500_000, help="max_chars_per_source")
+    ap.add_argument("--more", action="store_true",
+                    help="continue an earlier run in --work instead of starting over: resume phase A for --phase-a-s "
+                         "seconds, the vanilla control to phase A's new step count, evaluate both again, compare")
     args = ap.parse_args()
     t0 = time.perf_counter()
     work, out = Path(args.work), Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.more:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not (work / "phase_a" / "run.json").is_file():
+        sys.exit(f"--more continues a finished run, and {work} holds none")
     out.mkdir(parents=True, exist_ok=True)
     width, prefix = 8, 64  # phase A: prefixes uniform in [prefix/4, prefix] before a width-token chunk
     data = ["--set", "data=arithmetic+stdlib", "--set", "arithmetic_digits=3",
@@ -110,20 +117,23 @@ def main() -> None:
         run(command, seconds)
         export(out, work)
 
-    step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"), "--steps", "2000",
-         *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50", "--set", "eval_interval=500",
-         "--set", "save_interval=500", *data], args.pretrain_s)
-    step(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
-    step(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
-    step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit), *data])
-    step(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"),
+    resume = ["--resume"] if args.more else []
+    if not args.more:
+        step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"), "--steps", "2000",
+              *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50", "--set", "eval_interval=500",
+              "--set", "save_interval=500", *data], args.pretrain_s)
+        step(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
+        step(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
+        step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit),
+              *data])
+    step(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"), *resume,
          "--steps", "800", *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
          "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
          "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
     # the control: phase A's rows and mean tokens per row (prefix + chunk), for as many steps as phase A ran
     step(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
-         "--steps", str(a_steps), *fb, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
+         *resume, "--steps", str(a_steps), *fb, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
          "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
     for stage in ("phase_a", "finetuned_vanilla"):
         step(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])

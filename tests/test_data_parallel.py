@@ -76,19 +76,15 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `acceler
 
 
 @pytest.fixture(scope="module")
-def phase_a_runs(tmp_path_factory):
-    """Phase A on 2 processes, data parallel and with the base sharded by FSDP2 (plus a stop and a resume)."""
-    root = tmp_path_factory.mktemp("fsdp")
-    (root / "configs").symlink_to(project_root() / "configs")
-    rkl(root, ["train", "--phase", "pretrain", "--model", "tiny", "--steps", "2", "--batch-size", "4", "--out", "ck/base",
-               *SETTINGS])
-    rkl(root, ["surgery", "--model", "ck/base", "--out", "ck/surgery"])
+def phase_a_runs(runs):
+    """Phase A on 2 processes from the pretrain above, data parallel and with the base sharded by FSDP2. (Resume is
+    the data-parallel one: the training state FSDP leaves is the sidecar's alone.)"""
+    root = runs
+    rkl(root, ["surgery", "--model", "ck/one", "--out", "ck/surgery"])
     phase_a = ["train", "--phase", "a", "--model", "ck/surgery", "--steps", "3", "--batch-size", "2", *SETTINGS,
                "--set", "eval_interval=3", "--set", "save_interval=3"]
     rkl(root, phase_a + ["--out", "ck/ddp"], processes=2)
     rkl(root, phase_a + ["--out", "ck/fsdp"], processes=2, env=FSDP_ENV)
-    rkl(root, phase_a + ["--out", "ck/fsdp_resumed", "--stop-at", "2"], processes=2, env=FSDP_ENV)
-    rkl(root, phase_a + ["--out", "ck/fsdp_resumed", "--resume"], processes=2, env=FSDP_ENV)
     return root
 
 
@@ -106,8 +102,6 @@ def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase
     assert ddp.keys() == fsdp.keys() and all(torch.equal(ddp[k], fsdp[k]) for k in ddp)
     for tag in ("train/loss/total", "val/loss"):
         assert curve(root, "ddp", tag) == curve(root, "fsdp", tag), tag
-    resumed = load_file(str(root / "ck/fsdp_resumed/sidecar.safetensors"))
-    assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "vanilla", "b"])
