@@ -101,7 +101,7 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     if not args.more:
         shutil.rmtree(work, ignore_errors=True)
-    elif not (work / "phase_a" / "run.json").is_file():
+    elif not all((work / stage / "run.json").is_file() for stage in ("phase_a", "finetuned_vanilla")):
         sys.exit(f"--more continues a finished run, and {work} holds none")
     out.mkdir(parents=True, exist_ok=True)
     width, prefix = 8, 64  # phase A: prefixes uniform in [prefix/4, prefix] before a width-token chunk
@@ -114,8 +114,10 @@ def main() -> None:
     (out / "environment.json").write_text(json.dumps(environment(), indent=1))
 
     def step(command: list[str], seconds: float | None = None) -> None:
-        run(command, seconds)
+        code = run(command, seconds)
         export(out, work)
+        if code != 0:  # a time box ends a run with exit 0; anything else would feed stale results onwards
+            sys.exit(f"stopped: `rkl {command[0]}` exited with {code}")
 
     resume = ["--resume"] if args.more else []
     if not args.more:

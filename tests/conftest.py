@@ -38,3 +38,22 @@ def tiny_stages(tmp_path_factory):
                        show_progress=False))
     torch.set_num_threads(threads)
     return root
+
+
+@pytest.fixture(scope="session")
+def cpu_accelerate_config(tmp_path_factory):
+    """make(name) -> a copy of configs/accelerate/<name>.yaml for this GPU-less machine: 2 CPU processes, no bf16.
+    (`accelerate launch --cpu` would start one process without the file's FSDP setting; use_cpu in the file keeps
+    both.)"""
+    from rkl.paths import configs_dir
+
+    folder = tmp_path_factory.mktemp("accelerate")
+
+    def make(name: str):
+        text = (configs_dir() / "accelerate" / f"{name}.yaml").read_text()
+        copy = folder / f"{name}_cpu.yaml"
+        copy.write_text(text.replace("num_processes: 4", "num_processes: 2").replace("gpu_ids: all", "use_cpu: true")
+                        .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+        return copy
+
+    return make

@@ -17,9 +17,9 @@ def test_accelerate_config_parses(name, kind, processes):
     assert str(config.mixed_precision).endswith("bf16")
 
 
-def test_fsdp2_yaml_is_what_turns_rkl_sharding_on(tmp_path):
+def test_fsdp2_yaml_is_what_turns_rkl_sharding_on(tmp_path, cpu_accelerate_config):
     """rkl reads accelerate's own FSDP variable: launching with fsdp2.yaml (here on 2 CPU processes) sets it in every
-    process, and ddp.yaml does not."""
+    process, and ddp.yaml does not. (That the processes then shard: tests/test_data_parallel.py.)"""
     import os
     import subprocess
     import sys
@@ -32,11 +32,8 @@ def test_fsdp2_yaml_is_what_turns_rkl_sharding_on(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(project_root() / "src"), "OMP_NUM_THREADS": "1"}
     seen = {}
     for name in ("fsdp2", "ddp"):
-        text = (configs_dir() / "accelerate" / f"{name}.yaml").read_text()
-        cpu = tmp_path / f"{name}_cpu.yaml"  # the same file on this GPU-less machine: 2 CPU processes
-        cpu.write_text(text.replace("num_processes: 4", "num_processes: 2").replace("gpu_ids: all", "use_cpu: true")
-                       .replace("mixed_precision: bf16", "mixed_precision: 'no'"))
-        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu), str(probe)],
+        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(cpu_accelerate_config(name)), str(probe)],
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         seen[name] = sorted(line for line in done.stdout.splitlines() if line.startswith("rank"))

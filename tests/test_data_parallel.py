@@ -22,11 +22,15 @@ SETTINGS = ["--set", "data=shakespeare+arithmetic", "--set", "max_chars_per_sour
             "--set", "log_interval=1", "--set", "warmup_steps=0", "--set", "save_interval=4"]
 
 
-def rkl(cwd: Path, args: list[str], processes: int = 1, env: dict[str, str] | None = None) -> None:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "rkl"]
-                if processes > 1 else [sys.executable, "-m", "rkl"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project_root() / "src"),
-           **(env or {})}
+def rkl(cwd: Path, args: list[str], processes: int = 1, accelerate_config: Path | None = None) -> None:
+    if accelerate_config is not None:  # what a researcher types: accelerate launch --config_file ... -m rkl
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                    "-m", "rkl"]
+    elif processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "rkl"]
+    else:
+        launcher = [sys.executable, "-m", "rkl"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project_root() / "src")}
     done = subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
@@ -76,7 +80,7 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `acceler
 
 
 @pytest.fixture(scope="module")
-def phase_a_runs(runs):
+def phase_a_runs(runs, cpu_accelerate_config):
     """Phase A on 2 processes from the pretrain above, data parallel and with the base sharded by FSDP2. (Resume is
     the data-parallel one: the training state FSDP leaves is the sidecar's alone.)"""
     root = runs
@@ -84,7 +88,7 @@ def phase_a_runs(runs):
     phase_a = ["train", "--phase", "a", "--model", "ck/surgery", "--steps", "3", "--batch-size", "2", *SETTINGS,
                "--set", "eval_interval=3", "--set", "save_interval=3"]
     rkl(root, phase_a + ["--out", "ck/ddp"], processes=2)
-    rkl(root, phase_a + ["--out", "ck/fsdp"], processes=2, env=FSDP_ENV)
+    rkl(root, phase_a + ["--out", "ck/fsdp"], accelerate_config=cpu_accelerate_config("fsdp2"))
     return root
 
 
@@ -98,8 +102,9 @@ def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase
     layers = shards["base_parameters"] - shards["base_parameters_here"]
     assert 0.3 * shards["base_parameters"] < 2 * layers < shards["base_parameters"]
     # all-gathered weights are the weights: the sidecar ends bitwise equal to the data-parallel run's
-    ddp, fsdp = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("ddp", "fsdp"))
+    ddp, fsdp, start = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("ddp", "fsdp", "surgery"))
     assert ddp.keys() == fsdp.keys() and all(torch.equal(ddp[k], fsdp[k]) for k in ddp)
+    assert all(not torch.equal(fsdp[k], start[k]) for k in fsdp)  # and both trained every sidecar tensor
     for tag in ("train/loss/total", "val/loss"):
         assert curve(root, "ddp", tag) == curve(root, "fsdp", tag), tag
 
@@ -115,3 +120,18 @@ def test_fsdp_is_refused_where_the_base_itself_trains(phase, tmp_path, monkeypat
     result = CliRunner().invoke(app, ["train", "--phase", phase, "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "configs/accelerate/ddp.yaml" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("setting", ["unfreeze_every=2", "lora_rank=4"])
+def test_fsdp_refuses_a_phase_a_that_trains_inside_the_base(setting, phase_a_runs, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rkl.cli import app
+
+    for k, v in FSDP_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(phase_a_runs)
+    result = CliRunner().invoke(app, ["train", "--phase", "a", "--model", "ck/surgery", "--steps", "1", *SETTINGS,
+                                      "--set", setting, "--out", "ck/refused"])
+    assert result.exit_code == 2 and setting in result.output and "ddp.yaml" in result.output, result.output
+    assert not (phase_a_runs / "ck/refused").exists()

@@ -212,13 +212,16 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=run.dtype)
     # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
     # cached prefix; transformers' per-layer checkpointing would drop it)
+    sharding = None
+    if fsdp_requested():  # before the move: each layer reaches the device as its shard, never the whole base at once
+        sharding = shard_decoder_layers(wrapper.base, config, accelerator.num_processes, accelerator.device)
     wrapper.to(accelerator.device)
     train_stream, val_stream = token_streams(config, tokenizer)
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()))
-    if fsdp_requested():  # phase A only (run_phase refused the others): the sidecar is all it trains
-        meta["fsdp"] = shard_decoder_layers(wrapper.base, accelerator.num_processes)
+    if sharding is not None:
+        meta["fsdp"] = sharding
     pretrained = None
     if config.unfreeze_every > 0:  # phase C: a plain copy of the base for the L2 reference and the drift
         base_ref = base_reference["base"]
