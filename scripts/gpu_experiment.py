@@ -11,7 +11,8 @@ step is saved); the vanilla control then gets the steps phase A actually ran.
 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
     python3 scripts/gpu_experiment.py --out $OUT --more --phase-a-s 210   # later, on the same machine: train longer
-    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4 --finetune-batch 4  # CPU check
+    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4 \
+        --finetune-batch 4   # a check on the CPU
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def main() -> None:
     elif not all((work / stage / "run.json").is_file() for stage in ("phase_a", "finetuned_vanilla")):
         sys.exit(f"--more continues a finished run, and {work} holds none")
     out.mkdir(parents=True, exist_ok=True)
-    width, prefix = 8, 64  # phase A: prefixes uniform in [prefix/4, prefix] before a width-token chunk
+    width, prefix = 8, 64  # phase A: prefixes of up to `prefix` tokens (rkl's prefix_range) before a width-token chunk
     data = ["--set", "data=arithmetic+stdlib", "--set", "arithmetic_digits=3",
             "--set", f"max_chars_per_source={args.chars}"]
     w = ["--set", f"chunk_width={width}"]
@@ -121,9 +122,9 @@ def main() -> None:
 
     resume = ["--resume"] if args.more else []
     if not args.more:
-        step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"), "--steps", "2000",
-              *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50", "--set", "eval_interval=500",
-              "--set", "save_interval=500", *data], args.pretrain_s)
+        step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"),
+              "--steps", "2000", *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50",
+              "--set", "eval_interval=500", "--set", "save_interval=500", *data], args.pretrain_s)
         step(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
         step(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
         step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit),
@@ -134,8 +135,12 @@ def main() -> None:
          "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
     # the control: phase A's rows and mean tokens per row (prefix + chunk), for as many steps as phase A ran
+    from rkl import RecursiveConfig
+    from rkl.train.refine_phases import prefix_range
+
+    shortest, longest = prefix_range(RecursiveConfig(seq_len=prefix + width, chunk_width=width))
     step(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
-         *resume, "--steps", str(a_steps), *fb, "--set", f"seq_len={(prefix // 4 + prefix) // 2 + width}",
+         *resume, "--steps", str(a_steps), *fb, "--set", f"seq_len={(shortest + longest) // 2 + width}",
          "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
     for stage in ("phase_a", "finetuned_vanilla"):
         step(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])

@@ -76,7 +76,11 @@ def test_two_processes_resume_exactly(runs):
         assert torch.equal(a[k], b[k]), k
 
 
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate launch` with fsdp2.yaml sets
+@pytest.fixture
+def launched_with_fsdp(monkeypatch):
+    """This process as `accelerate launch` with fsdp2.yaml leaves it (for refusals, which come before any sharding)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
 
 
 @pytest.fixture(scope="module")
@@ -110,26 +114,22 @@ def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "vanilla", "b"])
-def test_fsdp_is_refused_where_the_base_itself_trains(phase, tmp_path, monkeypatch):
+def test_fsdp_is_refused_where_the_base_itself_trains(phase, tmp_path, launched_with_fsdp):
     from typer.testing import CliRunner
 
     from rkl.cli import app
 
-    for k, v in FSDP_ENV.items():
-        monkeypatch.setenv(k, v)
     result = CliRunner().invoke(app, ["train", "--phase", phase, "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "configs/accelerate/ddp.yaml" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("setting", ["unfreeze_every=2", "lora_rank=4"])
-def test_fsdp_refuses_a_phase_a_that_trains_inside_the_base(setting, phase_a_runs, monkeypatch):
+def test_fsdp_refuses_a_phase_a_that_trains_inside_the_base(setting, phase_a_runs, launched_with_fsdp, monkeypatch):
     from typer.testing import CliRunner
 
     from rkl.cli import app
 
-    for k, v in FSDP_ENV.items():
-        monkeypatch.setenv(k, v)
     monkeypatch.chdir(phase_a_runs)
     result = CliRunner().invoke(app, ["train", "--phase", "a", "--model", "ck/surgery", "--steps", "1", *SETTINGS,
                                       "--set", setting, "--out", "ck/refused"])

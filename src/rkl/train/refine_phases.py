@@ -214,7 +214,7 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     # cached prefix; transformers' per-layer checkpointing would drop it)
     sharding = None
     if fsdp_requested():  # before the move: each layer reaches the device as its shard, never the whole base at once
-        sharding = shard_decoder_layers(wrapper.base, config, accelerator.num_processes, accelerator.device)
+        sharding = shard_decoder_layers(wrapper.base, accelerator.num_processes, accelerator.device)
     wrapper.to(accelerator.device)
     train_stream, val_stream = token_streams(config, tokenizer)
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
