@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Batched generation, measured side by side in one process: generate_chunks (neutral sidecar) vs HF `generate`.
 
-For each batch size: greedy tokens/s of both (their runs interleaved), and whether their tokens are identical
-(promise 1 at that batch). With --repeat-check, HF `generate` also runs twice on one prompt batch with an unrelated
-allocation in between, and the first new token where the two runs differ is reported: on the 48B architecture in
-bf16 that happens in the default mode and not with --deterministic (torch deterministic algorithms + cuBLAS
-workspace, rkl.determinism). Run it once in each mode to see the cost of deterministic mode.
+For each batch size: greedy tokens/s of both (their runs interleaved), whether their tokens are identical (promise 1
+at that batch), and what an eval of a GSM8K-sized set (1,319 prompts x --new tokens) would take at that batch. With
+--repeat-check, at every batch HF `generate` also runs a second time after an unrelated allocation (does it reproduce
+itself?), and generate_chunks reports how many tokens its neutral refinement changed (it must change none: a change
+means the inner passes did not reproduce step 1's logits bitwise). On the 48B architecture in bf16 HF generate did not
+reproduce itself in the default mode; --deterministic (torch deterministic algorithms + cuBLAS workspace,
+rkl.determinism) is the mode to judge identity in. --conv reference measures transformers' F.conv1d short
+convolution instead of fla's kernel (rkl.model.kernels).
 
     python scripts/bench_generation.py --preset small --batches 1,8,32,64 --new 128
-    python scripts/bench_generation.py --preset kimi_linear_48b_a3b --batches 1,8,32 --new 64 --repeat-check --deterministic
+    python scripts/bench_generation.py --preset kimi_linear_48b_a3b --batches 1,8,32,64 --new 256 --repeat-check --deterministic
 """
 
 from __future__ import annotations
@@ -47,13 +50,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--repeat-check", action="store_true")
+    ap.add_argument("--conv", choices=("fla", "reference"), default="fla", help="KDA short convolution")
+    ap.add_argument("--prompts", type=int, default=1319, help="set size of the eval-cost estimate (GSM8K test)")
     args = ap.parse_args()
     set_deterministic(args.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting at start
 
     from rkl.model.base import build_preset
+    from rkl.model.kernels import set_short_convolution
 
     on_gpu = torch.cuda.is_available()
     base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
+    conv = set_short_convolution(args.conv)
     device = next(base.parameters()).device
     wrapper = ChunkRefineWrapper(base, RecursiveConfig(chunk_width=args.width, max_inner_steps=args.k,
                                                        refine_cell_type="chunk_attention")).to(device).eval()
@@ -62,7 +69,7 @@ def main() -> None:
     base.generation_config.pad_token_id = 0
     mode = "deterministic" if args.deterministic else "default"
     print(f"{args.preset} on {torch.cuda.get_device_name() if on_gpu else 'cpu'}, {mode} mode; prompt {args.prompt}, "
-          f"{args.new} new tokens, W {args.width}, K {args.k}")
+          f"{args.new} new tokens, W {args.width}, K {args.k}, short convolution: {conv}")
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -90,26 +97,27 @@ def main() -> None:
                 break
             t_hf, t_chunks = min(times["hf"]), min(times["chunks"])
             n_new = b * (out_hf.shape[1] - args.prompt)
-            same = "yes" if first_difference(out_hf, out_chunks, args.prompt) is None else \
-                f"no (from new token {first_difference(out_hf, out_chunks, args.prompt)})"
-            rows.append(f"| {b} | {n_new / t_hf:,.0f} | {n_new / t_chunks:,.0f} | {t_chunks / t_hf:.2f}x | {same} |")
+            d = first_difference(out_hf, out_chunks, args.prompt)
+            same = "yes" if d is None else f"no (from new token {d})"
+            runs = -(-args.prompts // b)  # the eval-cost estimate: ceil(prompts / batch) batches like this one
+            cost = f"{runs * t_hf / 60:.1f} / {runs * t_chunks / 60:.1f} min"
+            checks = ""
+            if args.repeat_check:
+                unrelated = torch.randn(4096, 4096, device=device) @ torch.randn(4096, 4096, device=device)  # noqa: F841
+                d_again = first_difference(out_hf, run_hf(), args.prompt)
+                _, stats = wrapper.generate_chunks(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                                   return_stats=True)
+                changed = sum(sum(chunk["tokens_changed"]) for chunk in stats)
+                checks = (f" | {'yes' if d_again is None else f'no (from new token {d_again})'} | {changed}")
+            rows.append(f"| {b} | {n_new / t_hf:,.0f} | {n_new / t_chunks:,.0f} | {t_chunks / t_hf:.2f}x | {same} | "
+                        f"{cost}{checks} |")
             print(rows[-1], flush=True)
 
-        if args.repeat_check:
-            ids = torch.randint(3, base.config.vocab_size - 1, (1, args.prompt), generator=g).to(device)
-            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new, do_sample=False)
-            first = base.generate(ids, **kw)
-            unrelated = torch.randn(4096, 4096, device=device) @ torch.randn(4096, 4096, device=device)  # noqa: F841
-            again = base.generate(ids, **kw)
-            chunks = wrapper.generate_chunks(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new)
-            d1 = first_difference(first, again, args.prompt)
-            d2 = first_difference(again, chunks, args.prompt)
-            print(f"\n{mode} mode: generate vs generate again: "
-                  f"{'identical' if d1 is None else f'differ from new token {d1}'}; "
-                  f"generate_chunks vs generate: {'identical' if d2 is None else f'differ from new token {d2}'}")
-
-    print(f"\n| batch | HF generate tokens/s | generate_chunks tokens/s | time ratio | identical tokens |")
-    print("|---|---|---|---|---|")
+    extra = " | HF generate reproduces itself | tokens changed by neutral refinement" if args.repeat_check else ""
+    print(f"\n{args.preset}, {mode} mode, short convolution {conv}, {args.new} new tokens")
+    print(f"| batch | HF generate tokens/s | generate_chunks tokens/s | time ratio | identical tokens | "
+          f"{args.prompts} prompts: HF / chunks{extra} |")
+    print("|---" * (8 if args.repeat_check else 6) + "|")
     print("\n".join(rows))
 
 

@@ -180,3 +180,17 @@ def test_compare_writes_markdown_plots_and_table(tmp_path: Path) -> None:
     assert plot_training_curves(tmp_path / "nologs", out) == []
     assert plot_training_curves(tmp_path / "other", out) == []
     assert plot_training_curves(None, out) == []
+
+
+def test_exactness_judged_only_between_results_of_the_same_kernels(tmp_path: Path) -> None:
+    results = _pipeline()
+    kernels = {"kda_kernels": "fla", "short_convolution": "fla"}
+    for stage in ("baseline", "after_surgery"):
+        results[stage]["device"] = "NVIDIA H200"
+        results[stage]["eval"] = {"deterministic": True, **kernels}
+    results["after_surgery"]["metrics"]["perplexity"] += 1e-9
+    assert any("differs from baseline in perplexity" in w for w in _warnings(results, tmp_path))
+    results["baseline"]["eval"]["short_convolution"] = "reference"
+    warnings = _warnings(results, tmp_path)
+    assert any("not judged: the two ran different KDA kernels" in w for w in warnings)
+    assert not any("differs from baseline" in w for w in warnings)

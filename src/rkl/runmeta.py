@@ -56,9 +56,11 @@ def device_description() -> str:
 
 def run_metadata(**extra) -> dict:
     from rkl.determinism import deterministic_record
+    from rkl.model.kernels import kernel_record
 
     return {
         **deterministic_record(),
+        **kernel_record(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),

@@ -122,6 +122,12 @@ def check_exactness(results: dict[str, dict[str, Any]]) -> list[str]:
     if loose:
         return [f"WARNING: after_surgery == baseline not judged: {' and '.join(loose)} ran on a GPU without "
                 "deterministic kernels, which is not reproducible run to run; re-run `rkl eval --deterministic`."]
+    kernels = {s: {k: r.get("eval", {}).get(k) for k in ("kda_kernels", "short_convolution")}
+               for s, r in ((BASELINE, base), (SURGERY, surg))}
+    if kernels[BASELINE] != kernels[SURGERY] and None not in (*kernels[BASELINE].values(), *kernels[SURGERY].values()):
+        return [f"WARNING: after_surgery == baseline not judged: the two ran different KDA kernels "
+                f"({BASELINE}: {kernels[BASELINE]}, {SURGERY}: {kernels[SURGERY]}), which round differently; "
+                "evaluate both on one machine setup."]
     out = []
     both_nll = _metric(base, "mean_nll") is not None and _metric(surg, "mean_nll") is not None
     for m in MUST_MATCH + (("mean_nll",) if both_nll else ()):

@@ -37,6 +37,7 @@ from rkl.data.packing import encode_documents
 from rkl.errors import UserError
 from rkl.eval import generation, refinement, tasks
 from rkl.eval.results import make_result, save_result, sha256_file, sha256_json
+from rkl.model.kernels import kernel_record
 from rkl.model.surgery import CONFIG_FILE, SIDECAR_FILE, SURGERY_FILE
 from rkl.paths import PHASE_STAGES, STAGE_CONFIGS, checkpoint_dir, eval_results_dir, logs_dir, stage_config_path
 from rkl.determinism import deterministic_record
@@ -276,7 +277,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
         eval={"config_source": config_source, "limit": limit, "dtype": str(wrapper.base.dtype).replace("torch.", ""),
               "chunk_width": width, "max_inner_steps": config.max_inner_steps, "eval_seed": tasks.EVAL_SEED,
               "git_commit": git_commit(), "command": " ".join(sys.argv), "torch_threads": threads,
-              **deterministic_record()})
+              **deterministic_record(), **kernel_record()})
     path = save_result(result, Path(results_dir) if results_dir is not None else eval_results_dir())
     log_tensorboard(name, metrics, result["committed_lengths"],
                     Path(log_dir) if log_dir is not None else logs_dir() / "eval" / name, _training_step(folder))

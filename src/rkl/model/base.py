@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, KimiLinearConfig, KimiLinearForCausalLM, PreTrainedTokenizerBase
 
 from rkl.errors import UserError
-from rkl.model.kernels import use_small_reference_kda_chunks
+from rkl.model.kernels import set_short_convolution, use_small_reference_kda_chunks
 from rkl.model.weights import check_weight_files
 from rkl.paths import configs_dir
 
@@ -62,6 +62,7 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
               seed: int = 0) -> tuple[KimiLinearForCausalLM, PreTrainedTokenizerBase | None]:
     """Load a checkpoint folder (with its tokenizer, if it has one) or build a preset (no tokenizer)."""
     use_small_reference_kda_chunks()  # CPU only: the reference KDA's Python loop runs per chunk row
+    set_short_convolution("fla")  # GPU with fla only: else transformers' F.conv1d stays
     torch_dtype = resolve_dtype(dtype)
     path = Path(model)
     if path.is_dir():
@@ -100,6 +101,7 @@ def build_preset(name: str, dtype: torch.dtype | None = None, device_map: str | 
     training) gets the same weights on the same device. The weights do depend on the device: the GPU's random
     generator is not the CPU's (and may fill differently on another GPU model), so a preset surgery folder is only
     comparable with stages run on the same kind of device."""
+    set_short_convolution("fla")
     config = preset_config(name)
     declared = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
     torch.manual_seed(seed)

@@ -48,8 +48,11 @@ class _AssigningLinearAttentionMixin:
             full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
         if not self.record_past:
             # A clone, not a view: the one-token decode path later copies into the stored conv state in place, which
-            # must not touch `full` (saved by the conv for backward).
-            self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx]:].clone()
+            # must not touch `full` (saved by the conv for backward). Contiguous, as transformers allocates it: a
+            # plain clone of this slice of a transpose keeps a transposed layout, and fla's one-token kernel
+            # (rkl.model.kernels) reads and writes the window as a contiguous [B, D, W].
+            self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx]:].clone(
+                memory_format=torch.contiguous_format)
         else:
             self.conv_states[state_idx] = full
         return full
