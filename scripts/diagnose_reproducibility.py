@@ -34,7 +34,9 @@ def record(base, ids):
         return fn
 
     names = ("self_attn", "mlp", "mlp.gate", "mlp.experts", "mlp.shared_experts", "input_layernorm")
-    handles = [m.register_forward_hook(hook(n)) for n, m in base.named_modules() if n.split("layers.")[-1].split(".", 1)[-1] in names]
+    # "model.layers.3.mlp.gate" -> "mlp.gate"
+    inside_layer = lambda n: n.split("layers.")[-1].split(".", 1)[-1]  # noqa: E731
+    handles = [m.register_forward_hook(hook(n)) for n, m in base.named_modules() if inside_layer(n) in names]
     from rkl.model.cache import new_cache
     cache = new_cache(base.config)
     with torch.no_grad():
@@ -78,9 +80,11 @@ def main() -> None:
             runs = []
             for _ in range(2):
                 runs.append(record(base, ids))
-                unrelated = torch.randn(4096, 4096, device=device) @ torch.randn(4096, 4096, device=device)  # noqa: F841
+                unrelated = torch.randn(4096, 4096, device=device) @ torch.randn(4096, 4096, device=device)
+                del unrelated
             equal = ", ".join("yes" if torch.equal(x, y) else "no" for x, y in zip(runs[0][1], runs[1][1]))
-            print(f"| {kda} | {experts} | {len(runs[0][0])} | {equal} | {first_culprit(runs[0][0], runs[1][0])} |", flush=True)
+            culprit = first_culprit(runs[0][0], runs[1][0])
+            print(f"| {kda} | {experts} | {len(runs[0][0])} | {equal} | {culprit} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,11 @@ def test_fla_kernel_matches_the_reference_on_the_gpu(restore_conv):
     g_ref, = torch.autograd.grad(y_ref.square().sum(), x)
     g, = torch.autograd.grad(y.square().sum(), x)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
-    state_ref, state = torch.randn(b, d, w, device="cuda"), None
+    state_ref = torch.randn(b, d, w, device="cuda")
     state = state_ref.clone()
     step = torch.randn(b, d, 1, device="cuda")
     with torch.no_grad():
-        out_ref, out = ref_update(step, state_ref, weight, None, "silu"), mkl.causal_conv1d_update(step, state, weight,
-                                                                                                  None, "silu")
+        out_ref = ref_update(step, state_ref, weight, None, "silu")
+        out = mkl.causal_conv1d_update(step, state, weight, None, "silu")
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)

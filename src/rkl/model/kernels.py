@@ -1,15 +1,16 @@
 """Kernels for KDA: the reference's chunk size on CPUs, fla's short convolution on GPUs.
 
-On machines without flash-linear-attention's Triton kernels (every CPU), transformers runs KDA through its pure-PyTorch reference `chunk_kimi_delta_attention`, whose intra-chunk
-solve is a Python loop over `chunk_size` rows (default 64) and which pads every multi-token forward to a
-multiple of it: an 8-token refinement pass costs as much as a 64-token one. With chunk_size 16, measured on
-2 CPU cores (tiny preset, forward+backward, B=16): 2.8x the tokens/s at T=128 and an 8-token chunk pass after
-a cached prefix 8x faster; outputs agree to 4e-7 (fp32). The math is the same for any chunk size.
+On machines without flash-linear-attention's Triton kernels (every CPU), transformers runs KDA through its
+pure-PyTorch reference `chunk_kimi_delta_attention`, whose intra-chunk solve is a Python loop over `chunk_size` rows
+(default 64) and which pads every multi-token forward to a multiple of it: an 8-token refinement pass costs as much
+as a 64-token one. With chunk_size 16, measured on 2 CPU cores (tiny preset, forward+backward, B=16): 2.8x the
+tokens/s at T=128 and an 8-token chunk pass after a cached prefix 8x faster; outputs agree to 4e-7 (fp32). The math
+is the same for any chunk size.
 
 On a GPU with fla, transformers takes fla's KDA kernels but looks for the KDA layer's short causal convolution in the
 separate `causal-conv1d` package (CUDA-only, no wheel here), and without it runs `F.conv1d` (it warns so). fla ships
 a Triton kernel for the same convolution with another layout ([B, T, D] instead of [B, D, T]; the decode cache is the
-same [B, D, W] window, updated in place the same way): `use_fla_short_convolution` plugs it in.
+same [B, D, W] window, updated in place the same way): `set_short_convolution("fla")` plugs it in.
 """
 
 from __future__ import annotations
