@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
@@ -125,23 +126,28 @@ def unfreeze(base: torch.nn.Module, config: RecursiveConfig) -> dict[str, torch.
 
 
 def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]) -> torch.Tensor:
-    """sum ||theta - theta_0||^2 over the unfrozen parameters (EWC-lite with a unit Fisher)."""
-    total = next(iter(params.values())).new_zeros((), dtype=torch.float32)
+    """sum ||theta - theta_0||^2 over the unfrozen parameters (EWC-lite with a unit Fisher). With FSDP, parameter and
+    reference are sharded alike, and each term is summed over the processes (its gradient reaches every shard)."""
+    total = None
     for name, p in params.items():
-        total = total + (p.float() - reference[name].float()).pow(2).sum()
-    return total
+        term = (p.float() - reference[name].float()).pow(2).sum()
+        term = term.full_tensor() if isinstance(term, DTensor) else term
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
 
 
-def save_base_changes(base: torch.nn.Module, config: RecursiveConfig, out_dir: Path) -> None:
+def save_base_changes(base: torch.nn.Module, config: RecursiveConfig, out_dir: Path,
+                      unfrozen: dict[str, torch.Tensor] | None = None) -> None:
+    """unfrozen: the unfrozen layers' weights by name, where the base holds only shards of them (FSDP)."""
     if any("lora_" in n for n, _ in base.named_parameters()):  # also adapters inherited from phase B
         state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(base).items()}
         save_file(state, str(Path(out_dir) / LORA_FILE))
         (Path(out_dir) / LORA_SHAPE_FILE).write_text(json.dumps(base.rkl_lora_shape) + "\n")
     if config.unfreeze_every > 0:
         chosen = unfrozen_layers(base.config.num_hidden_layers, config.unfreeze_every)
-        state = {f"model.layers.{i}.{n}": p.detach().contiguous()
-                 for i in chosen for n, p in base.model.layers[i].named_parameters() if "lora_" not in n}
-        save_file(state, str(Path(out_dir) / UNFROZEN_FILE))
+        state = unfrozen or {f"model.layers.{i}.{n}": p.detach()
+                             for i in chosen for n, p in base.model.layers[i].named_parameters() if "lora_" not in n}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out_dir) / UNFROZEN_FILE))
 
 
 def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from rkl.config import RecursiveConfig
 from rkl.data.arithmetic import arithmetic_problems
 from rkl.data.prompts import encode_prompt
+from rkl.train.sharding import is_sharded
 
 NGRAM_ORDERS = (1, 2, 3, 4)
 
@@ -41,10 +42,12 @@ class DriftProbe:
         base = base if base is not None else self.wrapper.base
         was_training = base.training
         base.eval()
+        # a base sharded by FSDP all-gathers each layer for every forward: no process may stop generating early
+        synced = any(is_sharded(p) for p in base.parameters())
         outs = []
         for ids in self.prompts:
             out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.new_tokens,
-                                do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+                                do_sample=False, pad_token_id=self.tokenizer.pad_token_id, synced_gpus=synced)
             outs.append(out[0, ids.shape[1]:].tolist())
         base.train(was_training)
         return outs

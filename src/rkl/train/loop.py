@@ -35,6 +35,7 @@ from rkl.runmeta import peak_memory_mib
 from rkl.train.checkpoint import (_FAULT_STEP, RunLock, fault_point, load_training_state, rng_state, save_checkpoint,
                                   set_rng_state)
 from rkl.train.optim import build_optimizer, build_scheduler
+from rkl.train.sharding import clip_gradients, full_optimizer_state, is_sharded, shard_optimizer_state
 
 
 class TrainTask(Protocol):
@@ -45,7 +46,10 @@ class TrainTask(Protocol):
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch plus scalars to log (must include 'tokens': tokens processed)."""
     def validate(self) -> dict[str, float]: ...
-    def save_weights(self, out_dir: Path) -> None: ...
+    def save_weights(self, out_dir: Path) -> None:
+        """Called on the main process only, after gather_for_save."""
+    def gather_for_save(self, main: bool) -> None:
+        """Called on every process before a save: collect whole copies of sharded tensors for the main process."""
 
 
 @dataclass
@@ -81,12 +85,14 @@ class _NoWriter:
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over the processes (a tensor that got no gradient here contributes zeros)."""
+    """Average gradients over the processes (a tensor that got no gradient here contributes zeros). Tensors FSDP
+    shards (rkl.train.sharding) arrive averaged already, by its reduce-scatter."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad /= world
+        if not is_sharded(p):
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
 
 
 def _reduce_scalars(scalars: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -119,7 +125,7 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
     if resume:
         state = load_training_state(out_dir)
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(shard_optimizer_state(optimizer, state["optimizer"]))
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             start = state["step"]
@@ -131,8 +137,10 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
     def checkpoint(step: int) -> None:
         _FAULT_STEP[0] = step
         writer.flush()  # every logged step up to a checkpoint is on disk with it: a resume from it loses no point
+        task.gather_for_save(main)  # collective where FSDP shards trained tensors, as is the optimizer state's gather
+        optimizer_state = full_optimizer_state(optimizer, main)
         if main:
-            training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                               "rng": rng_state(), "step": step}
             save_checkpoint(out_dir, task.save_weights, config, {**meta, "step": step}, training_state)
         accelerator.wait_for_everyone()
@@ -169,7 +177,7 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
                 if world > 1:
                     _all_reduce_grads(params, world)
                     scalars = _reduce_scalars(scalars, accelerator.device)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+                grad_norm = clip_gradients(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
                 if torch.isfinite(grad_norm):  # a NaN/inf loss or gradient gives a non-finite norm (on every rank)
                     optimizer.step()
                     bad_in_a_row = 0

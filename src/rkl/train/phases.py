@@ -23,7 +23,7 @@ from rkl.runmeta import run_metadata
 from rkl.train.checkpoint import load_training_state
 from rkl.train.lm import LMTask
 from rkl.train.loop import TrainResult, make_accelerator, train
-from rkl.train.sharding import refuse_fsdp_where_the_base_trains
+from rkl.train.sharding import refuse_fsdp_for_full_fine_tunes
 
 PHASES = ("pretrain", "vanilla", "a", "b", "c")
 
@@ -52,7 +52,7 @@ def default_init(phase: str) -> str:
 def run_phase(run: PhaseRun) -> TrainResult:
     if run.phase not in PHASES:
         raise UserError(f"unknown phase '{run.phase}' (phases: {', '.join(PHASES)})")
-    refuse_fsdp_where_the_base_trains(run.phase, run.config)
+    refuse_fsdp_for_full_fine_tunes(run.phase)
     torch.manual_seed(run.config.seed)
     if run.phase in ("pretrain", "vanilla"):
         return _run_lm_phase(run)

@@ -29,7 +29,7 @@ from rkl.train.drift import DriftProbe
 from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
-from rkl.train.sharding import fsdp_requested, shard_decoder_layers
+from rkl.train.sharding import fsdp_requested, full_tensor, is_sharded, shard_decoder_layers
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -56,6 +56,7 @@ class RefineTask:
         self.lora_params = apply_lora(base, config) if config.lora_rank > 0 else []
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
+        self.whole_unfrozen: dict[str, torch.Tensor] | None = None  # set by gather_for_save where FSDP shards them
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
             # was resumed from), so a resumed phase C continues exactly and drift includes phase B's LoRA.
@@ -161,10 +162,17 @@ class RefineTask:
             sums.update(self.drift.measure())
         return sums
 
+    def gather_for_save(self, main: bool) -> None:
+        """With FSDP the unfrozen layers are sharded: gather them whole, tensor by tensor, for the main process."""
+        self.whole_unfrozen = None
+        if any(is_sharded(p) for p in self.unfrozen.values()):
+            whole = {name: full_tensor(p, main) for name, p in self.unfrozen.items()}  # every process gathers
+            self.whole_unfrozen = whole if main else None
+
     def save_weights(self, out_dir: Path) -> None:
         """A surgery-style folder: sidecar + LoRA/unfrozen weights + the reference to the (unchanged) base."""
         save_sidecar(self.wrapper, out_dir)
-        save_base_changes(self.wrapper.base, self.config, out_dir)
+        save_base_changes(self.wrapper.base, self.config, out_dir, unfrozen=self.whole_unfrozen)
         write_base_reference(self.base_reference, Path(out_dir))  # relative to this folder, so a moved tree loads
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
@@ -214,6 +222,11 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     # cached prefix; transformers' per-layer checkpointing would drop it)
     sharding = None
     if fsdp_requested():  # before the move: each layer reaches the device as its shard, never the whole base at once
+        # what trains inside the base is set first: the adapters stay whole, the unfrozen layers are sharded in float32
+        if config.lora_rank > 0:
+            apply_lora(wrapper.base, config)
+        if config.unfreeze_every > 0:
+            unfreeze(wrapper.base, config)
         sharding = shard_decoder_layers(wrapper.base, accelerator.num_processes, accelerator.device)
     wrapper.to(accelerator.device)
     train_stream, val_stream = token_streams(config, tokenizer)
@@ -227,6 +240,8 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
         base_ref = base_reference["base"]
         pretrained, _ = load_base(base_ref[len("preset:"):] if base_ref.startswith("preset:") else base_ref,
                                   dtype=run.dtype, seed=0)
+        if sharding is not None:  # sharded as the trained base is, so its reference tensors match the shards
+            shard_decoder_layers(pretrained, accelerator.num_processes, accelerator.device)
         pretrained.to(accelerator.device).eval()
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
                       base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))

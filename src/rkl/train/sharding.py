@@ -1,6 +1,6 @@
-"""FSDP2 for the frozen base: each process keeps 1/N of every decoder layer, all-gathered only while it runs.
+"""FSDP2 for the recursive phases: each process keeps 1/N of every decoder layer, all-gathered only while it runs.
 
-`accelerate launch --config_file configs/accelerate/fsdp2.yaml -m rkl train --phase a` asks for it: accelerate
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml -m rkl train --phase a|b|c` asks for it: accelerate
 exports ACCELERATE_USE_FSDP from the file, also from a copy with `use_cpu: true`, as the tests launch it. (The `--cpu`
 flag starts a single process without it.) rkl does the sharding itself with torch's `fully_shard`, one unit per
 decoder layer, instead of `accelerator.prepare`. The phases call their models' own methods (prefix pass, draft walk,
@@ -8,19 +8,25 @@ K inner steps through hooks), not one module's forward, so no single wrapper cou
 saves memory at 48B (98 GB of bf16 weights, a quarter per GPU on 4). The embeddings, the final norm and the LM head
 stay whole on every process, because rkl calls them directly.
 
-Phase A only, where every trainable tensor lives outside the base (the sidecar): its gradients are all-reduced by the
-training loop as in data parallel, and its optimizer state is the only one. Phases B and C train tensors inside the
-sharded layers (LoRA, unfrozen layers), and pretrain and vanilla train all of the base; those are refused, as is a
-phase A with LoRA or unfrozen layers.
+What trains, and where its gradients and optimizer state live:
+- the sidecar (outside the base) and the LoRA adapters (inside sharded layers, but left out of the sharding: they
+  are small, and float32 inside a bf16 layer, where one FSDP unit needs one dtype) are replicated; the training loop
+  all-reduces their gradients as in data parallel;
+- phase C's unfrozen layers (every unfreeze_every-th layer, float32, about 12.7B parameters at 48B) are sharded:
+  FSDP reduce-scatters their gradients, and AdamW keeps 1/N of their state on each process. A checkpoint gathers
+  them one tensor at a time to the main process and saves the files a single-process run saves, so a run resumes
+  exactly (also under another launcher or process count) and `rkl eval` loads it as any other.
+Pretrain and vanilla train all of the base and are refused.
 
 Every process must run each layer the same number of times, because each run all-gathers it. The training paths
-keep to that: the draft walk is W - 1 decode steps on every process, training runs all K inner steps, and
-validation runs the same batches everywhere.
+keep to that: the draft walk is W - 1 decode steps on every process, training runs all K inner steps, validation
+runs the same batches everywhere, and the drift probe's generations are synced.
 
 What it costs, not yet measured on GPUs: each use of a layer all-gathers it, with no prefetch. In one phase-A step
 that is the prefix pass, W - 1 draft steps, K inner steps, and K more in backward, so at 48B, W = 64 and K = 4
 about 72 gathers of the whole base. Also not built: loading the checkpoint sharded. Every process reads the whole
-base into host memory first.
+base into host memory first (in phase C twice: the pretrained copy that the L2 pull and the drift compare with is
+sharded the same way and dropped once its reference tensors and generations are taken).
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 
 
@@ -38,39 +44,81 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def refuse_fsdp_where_the_base_trains(phase: str, config: RecursiveConfig) -> None:
-    """Before anything loads: FSDP shards a base that does not train, which is phase A without LoRA or unfrozen
-    layers (LoRA inherited from the starting checkpoint is caught by shard_decoder_layers, which sees the model)."""
-    if not fsdp_requested():
-        return
-    if phase != "a":
-        trains = f"phase {phase} trains weights inside the base"
-    else:
-        inside = [f"{name}={getattr(config, name)}" for name in ("lora_rank", "unfreeze_every")
-                  if getattr(config, name) > 0]
-        if not inside:
-            return
-        trains = f"this phase a trains weights inside it ({', '.join(inside)})"
-    raise UserError(f"FSDP (configs/accelerate/fsdp2.yaml) shards a base that does not train, and {trains}; rkl does "
-                    "not shard trained weights yet: launch it with configs/accelerate/ddp.yaml")
+def refuse_fsdp_for_full_fine_tunes(phase: str) -> None:
+    """Before anything loads: pretrain and vanilla train every weight of the base, which rkl does not shard."""
+    if fsdp_requested() and phase in ("pretrain", "vanilla"):
+        raise UserError(f"FSDP (configs/accelerate/fsdp2.yaml) is built for the recursive phases a, b and c, and phase "
+                        f"{phase} trains all of the base: launch it with configs/accelerate/ddp.yaml")
 
 
 def shard_decoder_layers(base: torch.nn.Module, world: int, device: torch.device) -> dict[str, int]:
     """fully_shard every decoder layer of `base` (still on the CPU) over the `world` processes: fully_shard moves each
-    layer to `device` as it shards it, so no process ever holds the whole base there. Returns what run.json records:
-    the layers sharded and the base parameters this process holds."""
+    layer to `device` as it shards it, so no process ever holds the whole base there. LoRA parameters stay whole (see
+    the module docstring); set what trains (LoRA, unfrozen layers) before this. Returns what run.json records: the
+    layers sharded and the base parameters this process holds."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if any("lora_" in n for n, _ in base.named_parameters()):
-        raise UserError("FSDP (configs/accelerate/fsdp2.yaml) shards a base that does not train, and this phase a "
-                        "trains the LoRA adapters of the checkpoint it starts from; rkl does not shard trained weights "
-                        "yet: launch it with configs/accelerate/ddp.yaml")
-    base.requires_grad_(False)  # nothing in the base learns, so FSDP reduces no gradient of it
     layers = base.model.layers
     mesh = init_device_mesh(device.type, (world,))
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in base.parameters())
+        adapters = {p for n, p in layer.named_parameters() if "lora_" in n}
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, ignored_params=adapters or None)
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in base.parameters())
     return {"sharded_layers": len(layers), "base_parameters_here": int(local),
             "base_parameters": int(sum(p.numel() for p in base.parameters()))}
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor, main: bool) -> torch.Tensor | None:
+    """The whole tensor on the CPU of the main process (None elsewhere). Collective for a sharded tensor: every
+    process calls it, in the same order."""
+    whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return whole.detach().cpu() if main else None
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, main: bool) -> dict | None:
+    """optimizer.state_dict() with every sharded state tensor gathered whole, on the main process (None elsewhere):
+    the state a single-process run saves. Collective where a trained tensor is sharded."""
+    state = optimizer.state_dict()
+    gathered = {}
+    for index, per_param in state["state"].items():  # copies: these dicts are the optimizer's live state
+        gathered[index] = {k: full_tensor(v, main) if isinstance(v, DTensor) else v for k, v in per_param.items()}
+    return {**state, "state": gathered} if main else None
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """The inverse of full_optimizer_state for this process: each saved whole tensor of a sharded parameter cut to
+    the parameter's own shard (every process read the whole state, so no communication)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    indices = [i for group in state["param_groups"] for i in group["params"]]
+    per_param = dict(state["state"])
+    for param, index in zip(params, indices):
+        if not isinstance(param, DTensor) or index not in per_param:
+            continue
+        per_param[index] = {k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements,
+                                                 src_data_rank=None)
+                            if torch.is_tensor(v) and v.shape == param.shape else v
+                            for k, v in per_param[index].items()}
+    return {**state, "state": per_param}
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over parameters of which some may be sharded: the norm of the sharded gradients is reduced
+    across processes and combined with that of the replicated ones. Without sharded ones it is clip_grad_norm_."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    replicated = [g for g in grads if not isinstance(g, DTensor)]
+    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()]
+    if replicated:
+        norms.append(torch.nn.utils.get_total_norm(replicated).to(norms[0].device))
+    total = torch.nn.utils.get_total_norm(norms)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.device))
+    return total
