@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the device machine: . .whl/preamble.sh; bash scripts/gpu_exactness.sh   (files land in $OUT)
-# What it checks: after_surgery == baseline through the CLI with fla's short convolution (small preset, then the 48B architecture)
+# What it checks: after_surgery == baseline through the CLI with fla's short convolution, on the small preset
+# and then on the 48B architecture.
 set -uo pipefail
 S=$OUT; W=/tmp/w; mkdir -p $W
 CLI=(--set data=stdlib+arithmetic --set max_chars_per_source=20000)
