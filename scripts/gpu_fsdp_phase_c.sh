@@ -7,14 +7,14 @@
 set -uo pipefail
 S=${OUT:-/tmp/rkl_fsdp}; W=/tmp/wf; rm -rf "$W"; mkdir -p "$S" "$W"
 CLI=(--set data=stdlib+arithmetic --set max_chars_per_source=20000)
-RUN=(--phase c --model "$W/surgery" --steps ${STEPS:-4} --batch-size 8 --dtype bfloat16 --deterministic --set seq_len=288
-     --set eval_interval=${STEPS:-4} --set save_interval=2 --set eval_batches=1 "${CLI[@]}")
+RUN=(--phase c --model "$W/surgery" --steps ${STEPS:-4} --batch-size 8 --dtype bfloat16 --deterministic
+     --set seq_len=288 --set eval_interval=${STEPS:-4} --set save_interval=2 --set eval_batches=1 "${CLI[@]}")
 part() { local name=$1 limit=$2; shift 2; local s=$SECONDS
   timeout "$limit" "$@" > "$S/$name.txt" 2>&1; echo "== $name: exit $? after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; }
 part surgery 120 python3 -m rkl surgery --model small --out "$W/surgery" "${CLI[@]}"
 part plain ${LIMIT:-200} python3 -m rkl train "${RUN[@]}" --out "$W/plain"
-part fsdp ${LIMIT:-200} accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 -m rkl train "${RUN[@]}" \
-  --out "$W/fsdp"
+part fsdp ${LIMIT:-200} accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 \
+  -m rkl train "${RUN[@]}" --out "$W/fsdp"
 python3 - "$W" <<'PY' | tee "$S/compare.txt"
 import json, sys, torch
 from safetensors.torch import load_file
