@@ -121,19 +121,20 @@ def phase_c_runs(phase_a_runs, cpu_accelerate_config):
     phase B ran) and the unfrozen layer (sharded, its AdamW state too)."""
     root, fsdp = phase_a_runs, cpu_accelerate_config("fsdp2")
     phase_c = ["train", "--phase", "c", "--model", "ck/ddp", "--steps", "3", "--batch-size", "2", *SETTINGS,
-               "--set", "eval_interval=3", "--set", "save_interval=3"]
+               "--set", "eval_interval=3", "--set", "save_interval=3", "--set", "drift_new_tokens=4"]
     rkl(root, phase_c + ["--out", "ck/c_ddp"], processes=2)
     rkl(root, phase_c + ["--out", "ck/c_fsdp"], accelerate_config=fsdp)
     rkl(root, phase_c + ["--out", "ck/c_fsdp_resumed", "--stop-at", "2"], accelerate_config=fsdp)
+    stopped = json.loads((root / "ck/c_fsdp_resumed/run.json").read_text())["step"]
     rkl(root, phase_c + ["--out", "ck/c_fsdp_resumed", "--resume"], accelerate_config=fsdp)
-    return root
+    return root, stopped
 
 
 TRAINED_FILES = ("sidecar.safetensors", "lora.safetensors", "unfrozen.safetensors")
 
 
 def test_fsdp_phase_c_trains_what_data_parallel_trains(phase_c_runs):
-    root = phase_c_runs
+    root, _ = phase_c_runs
     meta = json.loads((root / "ck/c_fsdp/run.json").read_text())
     assert meta["fsdp"]["sharded_layers"] == 4 and meta["world_size"] == 2
     for name in TRAINED_FILES:
@@ -165,10 +166,58 @@ def test_fsdp_phase_c_trains_what_data_parallel_trains(phase_c_runs):
 
 
 def test_fsdp_phase_c_resumes_exactly(phase_c_runs):
-    root = phase_c_runs
+    root, stopped = phase_c_runs
+    assert stopped == 2  # the resumed run did stop, with a checkpoint of step 2 to resume from
     for name in TRAINED_FILES:
         a, b = (load_file(str(root / f"ck/{run}/{name}")) for run in ("c_fsdp", "c_fsdp_resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+SHARDED_NUMERICS = """
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from rkl.model.adapters import l2_to_pretrained
+from rkl.train.sharding import clip_gradients
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+g = torch.Generator().manual_seed(0)
+start = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g)}  # 5 and 7 rows: uneven shards
+reference = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+whole = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+sharded = {k: torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for k, v in start.items()}
+l2 = l2_to_pretrained(whole, reference)
+l2_sharded = l2_to_pretrained(sharded, {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in reference.items()})
+(3.0 * l2).backward()
+(3.0 * l2_sharded).backward()
+assert type(l2_sharded) is torch.Tensor and torch.allclose(l2_sharded, l2), (l2_sharded, l2)
+for k in start:
+    assert torch.allclose(sharded[k].grad.full_tensor(), whole[k].grad), k
+# clipping over sharded and replicated gradients together, as phase C's groups are
+replicated = torch.randn(4, generator=g) * 10
+plain = [whole["a"], whole["b"], torch.nn.Parameter(torch.zeros(4))]
+mixed = [sharded["a"], sharded["b"], torch.nn.Parameter(torch.zeros(4))]
+plain[2].grad, mixed[2].grad = replicated.clone(), replicated.clone()
+norm, norm_mixed = torch.nn.utils.clip_grad_norm_(plain, 1.0), clip_gradients(mixed, 1.0)
+assert norm > 1.0 and torch.allclose(norm_mixed, norm), (norm_mixed, norm)
+for p, q in zip(plain, mixed):
+    assert torch.allclose(q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad, p.grad)
+print("sharded numerics ok")
+"""
+
+
+def test_sharded_l2_pull_and_gradient_clip_equal_their_whole_tensor_versions(tmp_path):
+    """The two computations phase C adds across shards, on 2 gloo processes against the whole-tensor results:
+    l2_to_pretrained (value and gradient) and clip_gradients (norm and clipped gradients)."""
+    script = tmp_path / "sharded_numerics.py"
+    script.write_text(SHARDED_NUMERICS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("sharded numerics ok") == 2, done.stdout + done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "vanilla"])

@@ -122,7 +122,8 @@ def train(
         return
     if result.interrupted:
         if (out / "training_state.pt").is_file():
-            console.print(f"[yellow]stopped at step {result.steps_done}; checkpoint in {out}; continue with --resume")
+            console.print(f"[yellow]stopped at step {result.steps_done}; checkpoint (step {result.checkpoint_step}) in "
+                          f"{out}; continue with --resume")
         else:
             console.print("[yellow]stopped before the first step finished: nothing to resume; run the command again "
                           "without --resume")

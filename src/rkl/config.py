@@ -106,6 +106,7 @@ class RecursiveConfig:
     lora_layers: str = _f("top_third", "Which layers get LoRA: 'top_third' or 'all'.", choices=("top_third", "all"), read_by=REFINE_PHASES)
     unfreeze_every: int = _f(0, "Unfreeze every n-th decoder layer (phase C: 4); 0 = base stays frozen.", lo=0, read_by=REFINE_PHASES)
     l2_to_pretrained: float = _f(0.0, "Weight of the L2 pull of unfrozen weights toward their pretrained values.", lo=0.0, read_by=REFINE_PHASES)
+    drift_new_tokens: int = _f(24, "Tokens each of the 8 n-gram drift prompts generates at every validation (phases with unfrozen layers).", lo=1, read_by=REFINE_PHASES)
     # --- optimisation and run control ------------------------------------------------------------------
     steps: int = _f(200, "Optimizer steps of a training run.", lo=1, read_by=TRAIN_PHASES)
     batch_size: int = _f(8, "Sequences (or chunks) per micro-batch.", lo=1, read_by=TRAIN_PHASES)

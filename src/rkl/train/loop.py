@@ -58,6 +58,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
     val_history: list[dict[str, float]] = field(default_factory=list)
     interrupted: bool = False
+    checkpoint_step: int = 0  # the step of the newest checkpoint in the output folder (0: none)
 
 
 def make_accelerator(config: RecursiveConfig) -> Accelerator:
@@ -129,9 +130,11 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             start = state["step"]
+            del state  # with FSDP: the whole optimizer state, of which this process keeps its shards
     # a resumed run logs steps start + 1 onward: hide what a killed run logged from there on (not the checkpoint step)
     writer = SummaryWriter(str(log_dir), purge_step=start + 1 if start else None) if main else _NoWriter()
-    result = TrainResult(steps_done=start)
+    result = TrainResult(steps_done=start, checkpoint_step=start)
+    sharded = any(is_sharded(p) for p in params)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
 
     def checkpoint(step: int) -> None:
@@ -144,6 +147,7 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
                               "rng": rng_state(), "step": step}
             save_checkpoint(out_dir, task.save_weights, config, {**meta, "step": step}, training_state)
         accelerator.wait_for_everyone()
+        result.checkpoint_step = step
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
@@ -218,9 +222,15 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
                 checkpoint(result.steps_done)
             result.interrupted = True
     except KeyboardInterrupt:
-        # Keep the work done: checkpoint the last completed step, then let the caller report it.
-        if result.steps_done > start:
+        # Keep the work done: checkpoint the last completed step, then let the caller report it. Not where FSDP shards
+        # trained tensors: the processes may be interrupted at different points, so the gathers a save needs could
+        # pair up wrongly; the last periodic checkpoint stands.
+        if result.steps_done > start and not sharded:
             checkpoint(result.steps_done)
+        elif sharded:
+            _say(f"interrupted: with FSDP-sharded weights no checkpoint is written on an interrupt; --resume continues "
+                 f"from the last periodic one (step {result.checkpoint_step}, save_interval {config.save_interval})",
+                 main)
         result.interrupted = True
     finally:
         writer.flush()

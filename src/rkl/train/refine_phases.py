@@ -64,7 +64,8 @@ class RefineTask:
                 raise ValueError("phase C needs the pretrained base for its L2 reference and drift")
             weights = dict(pretrained.named_parameters())
             self.reference = {n: weights[n.replace(".base_layer", "")].detach().clone() for n in self.unfrozen}
-            self.drift = DriftProbe(wrapper, tokenizer, config, device, reference_model=pretrained)
+            self.drift = DriftProbe(wrapper, tokenizer, config, device, reference_model=pretrained,
+                                    new_tokens=config.drift_new_tokens)
 
     # --- what the shared loop needs ---------------------------------------------------------------------
     def trainable_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
@@ -176,6 +177,7 @@ class RefineTask:
         write_base_reference(self.base_reference, Path(out_dir))  # relative to this folder, so a moved tree loads
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
+        self.whole_unfrozen = None  # written: do not hold a whole copy on the host until the next save
 
 
 def validation_lines(config: RecursiveConfig, first: dict[str, float], last: dict[str, float]) -> list[str]:

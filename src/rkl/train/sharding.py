@@ -15,7 +15,9 @@ What trains, and where its gradients and optimizer state live:
 - phase C's unfrozen layers (every unfreeze_every-th layer, float32, about 12.7B parameters at 48B) are sharded:
   FSDP reduce-scatters their gradients, and AdamW keeps 1/N of their state on each process. A checkpoint gathers
   them one tensor at a time to the main process and saves the files a single-process run saves, so a run resumes
-  exactly (also under another launcher or process count) and `rkl eval` loads it as any other.
+  exactly, `rkl eval` loads it as any other, and it loads under another launcher or process count (which then trains
+  on another global batch, batch_size x processes). An interrupt (Ctrl-C) writes no checkpoint here: the processes
+  may stop at different points, so the gathers could pair up wrongly; the last periodic checkpoint stands.
 Pretrain and vanilla train all of the base and are refused.
 
 Every process must run each layer the same number of times, because each run all-gathers it. The training paths
@@ -39,6 +41,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from rkl.errors import UserError
 
 
+TESTED_TORCH = (2, 11)  # the GPU machines' torch; the CPU tests run 2.13
+
+
 def fsdp_requested() -> bool:
     """Whether this process was launched with an FSDP accelerate config."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
@@ -59,6 +64,10 @@ def shard_decoder_layers(base: torch.nn.Module, world: int, device: torch.device
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < TESTED_TORCH:
+        raise UserError(f"rkl's FSDP is tested with torch >= {'.'.join(map(str, TESTED_TORCH))} (fully_shard's "
+                        f"ignored_params, distribute_tensor's src_data_rank); this is torch {torch.__version__}: "
+                        "upgrade torch or launch with configs/accelerate/ddp.yaml")
     layers = base.model.layers
     mesh = init_device_mesh(device.type, (world,))
     for layer in layers:
@@ -73,9 +82,10 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+@torch.no_grad()
 def full_tensor(tensor: torch.Tensor, main: bool) -> torch.Tensor | None:
     """The whole tensor on the CPU of the main process (None elsewhere). Collective for a sharded tensor: every
-    process calls it, in the same order."""
+    process calls it, in the same order, and holds the whole tensor on its device until it returns."""
     whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
     return whole.detach().cpu() if main else None
 
