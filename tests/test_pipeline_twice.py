@@ -112,7 +112,7 @@ def test_the_same_seed_gives_identical_checkpoints_and_eval_numbers(runs):
 INERT_READS = {("eval", "gradient_checkpointing")}
 # Declared but not exercised here: phase c alone reads these (unfreeze_every > 0; its drift probe would add 15 s),
 # and surgery reads the data fields only to train a tokenizer for a preset base.
-NOT_RUN = {"l2_to_pretrained", "lr_unfrozen"}
+NOT_RUN = {"l2_to_pretrained", "lr_unfrozen", "drift_new_tokens"}
 SURGERY_ON_A_PRESET = {"data", "max_chars_per_source", "arithmetic_digits"}
 
 

@@ -1,0 +1,134 @@
+"""FSDP2 in phase C on 2 CPU processes (gloo, launched through `accelerate launch` with a CPU copy of fsdp2.yaml):
+phase C trains the sidecar and LoRA adapters (replicated) and an unfrozen layer (sharded, its AdamW state too). It
+trains what data parallel trains, to float tolerance, and resumes exactly; the two computations it adds across
+shards (the L2 pull, the gradient clip) equal their whole-tensor versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rkl.paths import project_root
+from test_data_parallel import SETTINGS, curve, rkl
+
+@pytest.fixture(scope="module")
+def phase_a(tmp_path_factory):
+    """A tiny pretrain, surgery and phase A on one process: where phase C starts."""
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "configs").symlink_to(project_root() / "configs")
+    rkl(root, ["train", "--phase", "pretrain", "--model", "tiny", "--steps", "4", "--batch-size", "4", *SETTINGS,
+               "--out", "ck/one"])
+    rkl(root, ["surgery", "--model", "ck/one", "--out", "ck/surgery"])
+    rkl(root, ["train", "--phase", "a", "--model", "ck/surgery", "--steps", "3", "--batch-size", "4", *SETTINGS,
+               "--set", "eval_interval=3", "--set", "save_interval=3", "--out", "ck/ddp"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def phase_c_runs(phase_a, cpu_accelerate_config):
+    """Phase C from the phase A above on 2 processes: data parallel, with FSDP2, and with FSDP2 stopped after step 2 and resumed.
+    Phase C trains all three kinds of tensor: the sidecar and the LoRA adapters (replicated; fresh adapters, as no
+    phase B ran) and the unfrozen layer (sharded, its AdamW state too)."""
+    root, fsdp = phase_a, cpu_accelerate_config("fsdp2")
+    phase_c = ["train", "--phase", "c", "--model", "ck/ddp", "--steps", "3", "--batch-size", "2", *SETTINGS,
+               "--set", "eval_interval=3", "--set", "save_interval=3", "--set", "drift_new_tokens=4"]
+    rkl(root, phase_c + ["--out", "ck/c_ddp"], processes=2)
+    rkl(root, phase_c + ["--out", "ck/c_fsdp"], accelerate_config=fsdp)
+    rkl(root, phase_c + ["--out", "ck/c_fsdp_resumed", "--stop-at", "2"], accelerate_config=fsdp)
+    stopped = json.loads((root / "ck/c_fsdp_resumed/run.json").read_text())["step"]
+    rkl(root, phase_c + ["--out", "ck/c_fsdp_resumed", "--resume"], accelerate_config=fsdp)
+    return root, stopped
+
+
+TRAINED_FILES = ("sidecar.safetensors", "lora.safetensors", "unfrozen.safetensors")
+
+
+def test_fsdp_phase_c_trains_what_data_parallel_trains_and_resumes_exactly(phase_c_runs):
+    root, stopped = phase_c_runs
+    meta = json.loads((root / "ck/c_fsdp/run.json").read_text())
+    assert meta["fsdp"]["sharded_layers"] == 4 and meta["world_size"] == 2
+    for name in TRAINED_FILES:
+        ddp, fsdp = (load_file(str(root / f"ck/{run}/{name}")) for run in ("c_ddp", "c_fsdp"))
+        assert ddp.keys() == fsdp.keys() and ddp, name
+        # the same steps: the sharded gradient norm is summed in another order, so equal to float tolerance
+        assert max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp) < 1e-6, name
+    # and each kind trained: the sidecar moved from phase A's, the adapters from zero, the unfrozen layer from the
+    # pretrained weights
+    sidecar, start = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("c_fsdp", "ddp"))
+    assert any(not torch.equal(sidecar[k], start[k]) for k in sidecar)
+    lora = load_file(str(root / "ck/c_fsdp/lora.safetensors"))
+    assert all(bool(v.abs().sum() > 0) for k, v in lora.items() if "lora_B" in k)
+    pretrained = load_file(str(root / "ck/one/model.safetensors"))
+    unfrozen = load_file(str(root / "ck/c_fsdp/unfrozen.safetensors"))
+    unfrozen = {k.replace(".base_layer", ""): v for k, v in unfrozen.items()}
+    same_name = [k for k in unfrozen if k in pretrained]
+    assert len(same_name) >= 4 and all(not torch.equal(unfrozen[k], pretrained[k]) for k in same_name), same_name
+    for tag in ("train/loss/total", "train/grad_norm", "val/loss", "val/ngram_drift_1"):
+        a, b = curve(root, "c_ddp", tag), curve(root, "c_fsdp", tag)
+        assert [s for s, _ in a] == [s for s, _ in b] and a, tag
+        assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (tag, a, b)
+    # the optimizer state is saved whole, as a single-process run saves it
+    ddp_state, fsdp_state = (torch.load(root / f"ck/{run}/training_state.pt", weights_only=False)["optimizer"]
+                             for run in ("c_ddp", "c_fsdp"))
+    for i, per_param in ddp_state["state"].items():
+        assert per_param["exp_avg"].shape == fsdp_state["state"][i]["exp_avg"].shape
+        assert torch.allclose(per_param["exp_avg_sq"], fsdp_state["state"][i]["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+    # and stopped after step 2 and resumed, it ends bitwise equal to the uninterrupted FSDP run (one test with the
+    # above: pytest-xdist would build the runs again for a second test on the other worker)
+    assert stopped == 2  # the resumed run did stop, with a checkpoint of step 2 to resume from
+    for name in TRAINED_FILES:
+        a, b = (load_file(str(root / f"ck/{run}/{name}")) for run in ("c_fsdp", "c_fsdp_resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+SHARDED_NUMERICS = """
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from rkl.model.adapters import l2_to_pretrained
+from rkl.train.sharding import clip_gradients
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+g = torch.Generator().manual_seed(0)
+start = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g)}  # 5 and 7 rows: uneven shards
+reference = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+whole = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+sharded = {k: torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for k, v in start.items()}
+l2 = l2_to_pretrained(whole, reference)
+l2_sharded = l2_to_pretrained(sharded, {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in reference.items()})
+(3.0 * l2).backward()
+(3.0 * l2_sharded).backward()
+assert type(l2_sharded) is torch.Tensor and torch.allclose(l2_sharded, l2), (l2_sharded, l2)
+for k in start:
+    assert torch.allclose(sharded[k].grad.full_tensor(), whole[k].grad), k
+# clipping over sharded and replicated gradients together, as phase C's groups are
+replicated = torch.randn(4, generator=g) * 10
+plain = [whole["a"], whole["b"], torch.nn.Parameter(torch.zeros(4))]
+mixed = [sharded["a"], sharded["b"], torch.nn.Parameter(torch.zeros(4))]
+plain[2].grad, mixed[2].grad = replicated.clone(), replicated.clone()
+norm, norm_mixed = torch.nn.utils.clip_grad_norm_(plain, 1.0), clip_gradients(mixed, 1.0)
+assert norm > 1.0 and torch.allclose(norm_mixed, norm), (norm_mixed, norm)
+for p, q in zip(plain, mixed):
+    assert torch.allclose(q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad, p.grad)
+print("sharded numerics ok")
+"""
+
+
+def test_sharded_l2_pull_and_gradient_clip_equal_their_whole_tensor_versions(tmp_path):
+    """The two computations phase C adds across shards, on 2 gloo processes against the whole-tensor results:
+    l2_to_pretrained (value and gradient) and clip_gradients (norm and clipped gradients)."""
+    script = tmp_path / "sharded_numerics.py"
+    script.write_text(SHARDED_NUMERICS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("sharded numerics ok") == 2, done.stdout + done.stderr[-3000:]
