@@ -12,7 +12,7 @@ What trains, and where its gradients and optimizer state live:
 - the sidecar (outside the base) and the LoRA adapters (inside sharded layers, but left out of the sharding: they
   are small, and float32 inside a bf16 layer, where one FSDP unit needs one dtype) are replicated; the training loop
   all-reduces their gradients as in data parallel;
-- phase C's unfrozen layers (every unfreeze_every-th layer, float32, about 12.7B parameters at 48B) are sharded:
+- phase C's unfrozen layers (every unfreeze_every-th layer, float32, 11.09B parameters at 48B) are sharded:
   FSDP reduce-scatters their gradients, and AdamW keeps 1/N of their state on each process. A checkpoint gathers
   them one tensor at a time to the main process and saves the files a single-process run saves, so a run resumes
   exactly, `rkl eval` loads it as any other, and it loads under another launcher or process count (which then trains
