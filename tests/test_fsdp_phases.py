@@ -116,16 +116,58 @@ norm, norm_mixed = torch.nn.utils.clip_grad_norm_(plain, 1.0), clip_gradients(mi
 assert norm > 1.0 and torch.allclose(norm_mixed, norm), (norm_mixed, norm)
 for p, q in zip(plain, mixed):
     assert torch.allclose(q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad, p.grad)
+# a layer sharded as rkl shards the base (one unit per layer, none at the root) and run first without gradient, then
+# with it, in one bf16 autocast region: as the prefix pass, draft walk and inner steps run. With autocast's weight-cast
+# cache (rkl.train.loop.AUTOCAST turns it off) the sharded weights got no gradient.
+from torch.distributed.fsdp import fully_shard
+
+from rkl.train.loop import AUTOCAST
+
+grads = []
+for shard in (False, True):
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    if shard:
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=AUTOCAST.cache_enabled):
+        with torch.no_grad():
+            layers(x)
+        layers(layers(x)).float().sum().backward()
+    grads.append([p.grad for p in layers.parameters()])
+for whole_grad, sharded_grad in zip(*grads):
+    assert sharded_grad is not None, "a sharded weight got no gradient"
+    assert torch.equal(sharded_grad.full_tensor(), whole_grad)
 print("sharded numerics ok")
 """
 
 
-def test_sharded_l2_pull_and_gradient_clip_equal_their_whole_tensor_versions(tmp_path):
+def test_sharded_l2_pull_gradient_clip_and_autocast_gradients_equal_their_whole_tensor_versions(tmp_path):
     """The two computations phase C adds across shards, on 2 gloo processes against the whole-tensor results:
-    l2_to_pretrained (value and gradient) and clip_gradients (norm and clipped gradients)."""
+    l2_to_pretrained (value and gradient) and clip_gradients (norm and clipped gradients); and sharded layers' gradients
+    under rkl's bf16 autocast, after a pass without gradient."""
     script = tmp_path / "sharded_numerics.py"
     script.write_text(SHARDED_NUMERICS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.count("sharded numerics ok") == 2, done.stdout + done.stderr[-3000:]
+
+
+def test_processes_load_the_model_one_at_a_time():
+    """load_in_turns: process r loads after r barriers and before the rest (so one process at a time holds a whole
+    base in host memory), and every process passes the same number of barriers."""
+    from rkl.train.sharding import load_in_turns
+
+    class Process:
+        def __init__(self, index):
+            self.num_processes, self.process_index, self.calls = 3, index, []
+
+        def wait_for_everyone(self):
+            self.calls.append("barrier")
+
+    for index in range(3):
+        process = Process(index)
+        assert load_in_turns(lambda: process.calls.append("load") or "model", process) == "model"
+        assert process.calls == ["barrier"] * index + ["load"] + ["barrier"] * (3 - index), process.calls

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
@@ -61,10 +62,18 @@ class TrainResult:
     checkpoint_step: int = 0  # the step of the newest checkpoint in the output folder (0: none)
 
 
+# Autocast without its cache of weight casts. The recursive phases run a layer without gradient (prefix pass, draft
+# walk) and then with it (the K inner steps) in one autocast region, and with the layer sharded by FSDP2 the cache
+# handed the later matmuls the bf16 cast made without gradient: the sharded weights (phase C's unfrozen layers) got no
+# gradient at all (tests/test_fsdp_phases.py shows it; docs/benchmarks.md, 2026-12-02). Without the cache each use
+# casts the trainable float32 weights again; the bf16 base weights are not cast either way.
+AUTOCAST = AutocastKwargs(cache_enabled=False)
+
+
 def make_accelerator(config: RecursiveConfig) -> Accelerator:
     """bf16 autocast on GPU, plain fp32 on CPU."""
     on_gpu = torch.cuda.is_available()
-    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
+    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no", kwargs_handlers=[AUTOCAST])
 
 
 MAX_BAD_STEPS = 5      # non-finite steps in a row before a run gives up (exit 2)

@@ -29,7 +29,7 @@ from rkl.train.drift import DriftProbe
 from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
-from rkl.train.sharding import fsdp_requested, full_tensor, is_sharded, shard_decoder_layers
+from rkl.train.sharding import device_mesh, fsdp_requested, full_tensor, is_sharded, load_in_turns, shard_decoder_layers
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -193,6 +193,34 @@ def validation_lines(config: RecursiveConfig, first: dict[str, float], last: dic
             f"(no refinement): {span('draft_ce_1')}"]
 
 
+def load_phase_models(source: str, config: RecursiveConfig, dtype: str | None, base_reference: dict,
+                      device: torch.device, mesh=None):
+    """(wrapper, tokenizer, pretrained, sharding) of a recursive phase, on `device`: the model that trains, from
+    `source`, and in phase C a plain copy of the pretrained base for the L2 reference and the drift (else None).
+    With a device `mesh` (FSDP), each decoder layer of both is sharded before it moves, so no process ever holds the
+    whole base on its device; sharding is what run.json records of it (else None)."""
+    wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=dtype)
+    # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
+    # cached prefix; transformers' per-layer checkpointing would drop it)
+    sharding = None
+    if mesh is not None:
+        # what trains inside the base is set first: the adapters stay whole, the unfrozen layers are sharded in float32
+        if config.lora_rank > 0:
+            apply_lora(wrapper.base, config)
+        if config.unfreeze_every > 0:
+            unfreeze(wrapper.base, config)
+        sharding = shard_decoder_layers(wrapper.base, mesh)
+    wrapper.to(device)
+    pretrained = None
+    if config.unfreeze_every > 0:  # phase C
+        base_ref = base_reference["base"]
+        pretrained, _ = load_base(base_ref.removeprefix("preset:"), dtype=dtype, seed=0)
+        if mesh is not None:  # sharded as the trained base is, so its reference tensors match the shards
+            shard_decoder_layers(pretrained, mesh)
+        pretrained.to(device).eval()
+    return wrapper, tokenizer, pretrained, sharding
+
+
 def run_refine_phase(run: PhaseRun) -> TrainResult:
 
     config = run.config
@@ -219,32 +247,15 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
         raise UserError("gradient_checkpointing recomputes each inner step from the chunk-start snapshot, and "
                         "cache_reset_policy=keep_all carries one cache across steps; use the default policy")
     base_reference = find_base(Path(source))  # where the base is now (the tree may have moved since surgery)
-    wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=run.dtype)
-    # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
-    # cached prefix; transformers' per-layer checkpointing would drop it)
-    sharding = None
-    if fsdp_requested():  # before the move: each layer reaches the device as its shard, never the whole base at once
-        # what trains inside the base is set first: the adapters stay whole, the unfrozen layers are sharded in float32
-        if config.lora_rank > 0:
-            apply_lora(wrapper.base, config)
-        if config.unfreeze_every > 0:
-            unfreeze(wrapper.base, config)
-        sharding = shard_decoder_layers(wrapper.base, accelerator.num_processes, accelerator.device)
-    wrapper.to(accelerator.device)
+    mesh = device_mesh(accelerator.num_processes, accelerator.device) if fsdp_requested() else None
+    wrapper, tokenizer, pretrained, sharding = load_in_turns(
+        lambda: load_phase_models(source, config, run.dtype, base_reference, accelerator.device, mesh), accelerator)
     train_stream, val_stream = token_streams(config, tokenizer)
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()))
     if sharding is not None:
         meta["fsdp"] = sharding
-    pretrained = None
-    if config.unfreeze_every > 0:  # phase C: a plain copy of the base for the L2 reference and the drift
-        base_ref = base_reference["base"]
-        pretrained, _ = load_base(base_ref[len("preset:"):] if base_ref.startswith("preset:") else base_ref,
-                                  dtype=run.dtype, seed=0)
-        if sharding is not None:  # sharded as the trained base is, so its reference tensors match the shards
-            shard_decoder_layers(pretrained, accelerator.num_processes, accelerator.device)
-        pretrained.to(accelerator.device).eval()
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
                       base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))
     del pretrained  # the task keeps what it needs (reference tensors, reference generations)

@@ -28,12 +28,14 @@ What it costs, not yet measured on GPUs: each use of a layer all-gathers it, wit
 that is the prefix pass, W - 1 draft steps, K inner steps, and K more in backward, so at 48B, W = 64 and K = 4
 about 72 gathers of the whole base. Also not built: loading the checkpoint sharded. Every process reads the whole
 base into host memory first (in phase C twice: the pretrained copy that the L2 pull and the drift compare with is
-sharded the same way and dropped once its reference tensors and generations are taken).
+sharded the same way and dropped once its reference tensors and generations are taken). The processes load one at a
+time (load_in_turns), so the host holds one whole base at a time, not one per process.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -41,6 +43,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from rkl.errors import UserError
 
 
+T = TypeVar("T")
 TESTED_TORCH = (2, 11)  # the GPU machines' torch; the CPU tests run 2.13
 
 
@@ -56,26 +59,55 @@ def refuse_fsdp_for_full_fine_tunes(phase: str) -> None:
                         f"{phase} trains all of the base: launch it with configs/accelerate/ddp.yaml")
 
 
-def shard_decoder_layers(base: torch.nn.Module, world: int, device: torch.device) -> dict[str, int]:
-    """fully_shard every decoder layer of `base` (still on the CPU) over the `world` processes: fully_shard moves each
-    layer to `device` as it shards it, so no process ever holds the whole base there. LoRA parameters stay whole (see
-    the module docstring); set what trains (LoRA, unfrozen layers) before this. Returns what run.json records: the
-    layers sharded and the base parameters this process holds."""
+def device_mesh(world: int, device: torch.device):
+    """The 1-D mesh over all processes that every layer is sharded on. Collective (it may create a process group):
+    every process calls it, before load_in_turns."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < TESTED_TORCH:
         raise UserError(f"rkl's FSDP is tested with torch >= {'.'.join(map(str, TESTED_TORCH))} (fully_shard's "
                         f"ignored_params, distribute_tensor's src_data_rank); this is torch {torch.__version__}: "
                         "upgrade torch or launch with configs/accelerate/ddp.yaml")
+    return init_device_mesh(device.type, (world,))
+
+
+def shard_decoder_layers(base: torch.nn.Module, mesh) -> dict[str, int]:
+    """fully_shard every decoder layer of `base` (still on the CPU) over `mesh`: fully_shard moves each layer to the
+    mesh's device as it shards it, so no process ever holds the whole base there. Local to this process (no
+    communication), so processes may shard in turn. LoRA parameters stay whole (see the module docstring); set what
+    trains (LoRA, unfrozen layers) before this. Returns what run.json records: the layers sharded and the base
+    parameters this process holds."""
+    from torch.distributed.fsdp import fully_shard
+
     layers = base.model.layers
-    mesh = init_device_mesh(device.type, (world,))
     for layer in layers:
         adapters = {p for n, p in layer.named_parameters() if "lora_" in n}
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, ignored_params=adapters or None)
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in base.parameters())
     return {"sharded_layers": len(layers), "base_parameters_here": int(local),
             "base_parameters": int(sum(p.numel() for p in base.parameters()))}
+
+
+def load_in_turns(load: Callable[[], T], accelerator) -> T:
+    """load() on each process in turn, rank 0 first, with a barrier between turns. A process's load holds a whole
+    base in host memory until it is on the device (sharded with FSDP): 98 GB at 48B, so 8 processes loading at once
+    would need 784 GB of host memory, where in turns they need one base's worth (its checkpoint files stay in the
+    page cache, so the later turns read it from memory). With one process it is load()."""
+    import sys
+    import time
+
+    if accelerator.num_processes == 1:
+        return load()
+    result = None
+    for turn in range(accelerator.num_processes):
+        if turn == accelerator.process_index:
+            start = time.perf_counter()
+            result = load()
+            took = time.perf_counter() - start
+            print(f"process {turn + 1}/{accelerator.num_processes}: model loaded in {took:.0f} s", file=sys.stderr,
+                  flush=True)
+        accelerator.wait_for_everyone()
+    return result
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
