@@ -121,7 +121,10 @@ for p, q in zip(plain, mixed):
 # cache (rkl.train.loop.AUTOCAST turns it off) the sharded weights got no gradient.
 from torch.distributed.fsdp import fully_shard
 
-from rkl.train.loop import AUTOCAST
+from rkl.config import RecursiveConfig
+from rkl.train.loop import AUTOCAST, make_accelerator
+
+assert make_accelerator(RecursiveConfig()).autocast_handler is AUTOCAST  # what training runs under
 
 grads = []
 for shard in (False, True):

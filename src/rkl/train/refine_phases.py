@@ -200,8 +200,6 @@ def load_phase_models(source: str, config: RecursiveConfig, dtype: str | None, b
     With a device `mesh` (FSDP), each decoder layer of both is sharded before it moves, so no process ever holds the
     whole base on its device; sharding is what run.json records of it (else None)."""
     wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=dtype)
-    # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
-    # cached prefix; transformers' per-layer checkpointing would drop it)
     sharding = None
     if mesh is not None:
         # what trains inside the base is set first: the adapters stay whole, the unfrozen layers are sharded in float32
@@ -243,6 +241,8 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
                         "first (surgery for a, phase a for b, phase b for c) or pass --model")
     if not (Path(source) / SURGERY_FILE).is_file():
         raise UserError(f"{source} is not a surgery or phase checkpoint (no {SURGERY_FILE}); run `rkl surgery` first")
+    # gradient_checkpointing: refine_chunk recomputes each inner step in backward (rkl's own scheme, which keeps the
+    # cached prefix; transformers' per-layer checkpointing would drop it)
     if config.gradient_checkpointing and config.cache_reset_policy == "keep_all":
         raise UserError("gradient_checkpointing recomputes each inner step from the chunk-start snapshot, and "
                         "cache_reset_policy=keep_all carries one cache across steps; use the default policy")
