@@ -158,22 +158,58 @@ def test_sharded_l2_pull_gradient_clip_and_autocast_gradients_equal_their_whole_
     assert done.returncode == 0 and done.stdout.count("sharded numerics ok") == 2, done.stdout + done.stderr[-3000:]
 
 
-def test_processes_load_the_model_one_at_a_time():
-    """load_in_turns: process r loads after r barriers and before the rest (so one process at a time holds a whole
-    base in host memory), and every process passes the same number of barriers."""
+def test_processes_load_the_model_one_at_a_time_per_host(monkeypatch):
+    """load_in_turns: the process of local rank r loads after r barriers and before the rest (so one process per host
+    at a time holds a whole base in host memory), the hosts side by side, and every process passes the same number of
+    barriers."""
     from rkl.train.sharding import load_in_turns
 
     class Process:
-        def __init__(self, index):
-            self.num_processes, self.process_index, self.calls = 3, index, []
+        def __init__(self, index, per_host):
+            self.num_processes, self.process_index, self.calls = 4, index, []
+            self.local_process_index = index % per_host
 
-        def wait_for_everyone(self):
-            self.calls.append("barrier")
+    for per_host in (4, 2):  # one host of 4 processes, two hosts of 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_host))
+        for index in range(4):
+            process = Process(index, per_host)
+            barrier = lambda: process.calls.append("barrier")  # noqa: E731
+            assert load_in_turns(lambda: process.calls.append("load") or "model", process, barrier) == "model"
+            local = index % per_host
+            assert process.calls == ["barrier"] * local + ["load"] + ["barrier"] * (per_host - local), process.calls
 
-    for index in range(3):
-        process = Process(index)
-        assert load_in_turns(lambda: process.calls.append("load") or "model", process) == "model"
-        assert process.calls == ["barrier"] * index + ["load"] + ["barrier"] * (3 - index), process.calls
+
+SLOW_LOAD = """
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from rkl.train import sharding
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # a short timeout, as NCCL's 10 minutes are at 48B
+
+
+class Process:
+    num_processes, process_index = dist.get_world_size(), dist.get_rank()
+    local_process_index = process_index
+
+
+assert sharding.load_in_turns(lambda: time.sleep(5) or "model", Process()) == "model"  # each turn outlasts it
+dist.barrier()
+print("slow load ok")
+"""
+
+
+def test_a_loading_turn_may_outlast_the_process_groups_timeout(tmp_path):
+    """Two gloo processes whose group times out after 2 s each take a 5 s turn to load: the turns wait on their own
+    group (LOAD_TURN_TIMEOUT_S), so neither process times out at a turn's barrier."""
+    script = tmp_path / "slow_load.py"
+    script.write_text(SLOW_LOAD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("slow load ok") == 2, done.stdout + done.stderr[-3000:]
 
 
 SHARDED_INTERRUPT = """

@@ -28,8 +28,8 @@ What it costs, not yet measured on GPUs: each use of a layer all-gathers it, wit
 that is the prefix pass, W - 1 draft steps, K inner steps, and K more in backward, so at 48B, W = 64 and K = 4
 about 72 gathers of the whole base. Also not built: loading the checkpoint sharded. Every process reads the whole
 base into host memory first (in phase C twice: the pretrained copy that the L2 pull and the drift compare with is
-sharded the same way and dropped once its reference tensors and generations are taken). The processes load one at a
-time (load_in_turns), so the host holds one whole base at a time, not one per process.
+sharded the same way and dropped once its reference tensors and generations are taken). The processes of a host load
+one at a time (load_in_turns), so a host holds one whole base at a time, not one per process.
 """
 
 from __future__ import annotations
@@ -88,26 +88,49 @@ def shard_decoder_layers(base: torch.nn.Module, mesh) -> dict[str, int]:
             "base_parameters": int(sum(p.numel() for p in base.parameters()))}
 
 
-def load_in_turns(load: Callable[[], T], accelerator) -> T:
-    """load() on each process in turn, rank 0 first, with a barrier between turns. A process's load holds a whole
-    base in host memory until it is on the device (sharded with FSDP): 98 GB at 48B, so 8 processes loading at once
-    would need 784 GB of host memory, where in turns they need one base's worth (its checkpoint files stay in the
-    page cache, so the later turns read it from memory). With one process it is load()."""
+# How long a process may wait at a loading turn's barrier. At 48B one turn reads 98 GB and moves it to the device,
+# which can take longer than the process group's timeout (NCCL's default is 10 minutes, and it kills the job). The
+# turns wait on a gloo group of their own with this timeout, so training's collectives keep the short default that
+# catches a real hang.
+LOAD_TURN_TIMEOUT_S = 2 * 3600
+
+
+def load_in_turns(load: Callable[[], T], accelerator, barrier: Callable[[], None] | None = None) -> T:
+    """load() on each process in turn, with a barrier between turns. A process's load holds a whole base in host
+    memory until it is on the device (sharded with FSDP): 98 GB at 48B, so 8 processes loading at once would need
+    784 GB of host memory, where in turns they need one base's worth (its checkpoint files stay in the page cache, so
+    the later turns read it from memory). The turns go by the rank within the host (local rank 0 first), so the
+    hosts of a multi-node run load side by side. barrier: all processes wait (default: a gloo group with
+    LOAD_TURN_TIMEOUT_S). With one process it is load()."""
     import sys
     import time
 
     if accelerator.num_processes == 1:
         return load()
+    if barrier is None:
+        barrier = _turn_barrier()
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     result = None
-    for turn in range(accelerator.num_processes):
-        if turn == accelerator.process_index:
+    for turn in range(per_host):
+        if turn == accelerator.local_process_index:
             start = time.perf_counter()
             result = load()
             took = time.perf_counter() - start
-            print(f"process {turn + 1}/{accelerator.num_processes}: model loaded in {took:.0f} s", file=sys.stderr,
-                  flush=True)
-        accelerator.wait_for_everyone()
+            print(f"process {accelerator.process_index + 1}/{accelerator.num_processes}: model loaded in "
+                  f"{took:.0f} s", file=sys.stderr, flush=True)
+        barrier()
     return result
+
+
+def _turn_barrier() -> Callable[[], None]:
+    """A barrier on a gloo group of all processes that waits LOAD_TURN_TIMEOUT_S (new_group is collective: every
+    process calls it, as every process calls load_in_turns)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=LOAD_TURN_TIMEOUT_S))
+    return lambda: dist.barrier(group=group)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
