@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""One training step of a recursive phase (a, b or c) as the training loop runs it (RefineTask.loss, backward,
+AdamW step), measured side by side in one process (random weights and tokens):
+
+1. autocast's weight-cast cache off (rkl.train.loop.AUTOCAST, how rkl trains: with the cache, FSDP2's sharded
+   weights got no gradient) against on: seconds per step, the two interleaved step by step (median of --repeats
+   each), peak memory, and whether every trainable tensor got a gradient;
+2. memory against the arithmetic: the tensors' own bytes (frozen base in bf16; the trainable weights in float32
+   with a float32 gradient and two AdamW moments, 16 bytes per parameter; phase C's bf16 L2 reference) beside what
+   the allocator holds after a step and at its peak; the rest of the peak is activations.
+
+--layers N keeps the preset's first N decoder layers (its widths, experts and layer pattern), so phase C at the
+48B-A3B widths fits one GPU: every 4th layer unfrozen is 16 bytes per parameter of AdamW training state.
+
+    python scripts/bench_refine_step.py --preset small --phase c --batch 8 --prefix 256 --width 32
+    python scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --layers 8 --phase c --batch 2 --prefix 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+from rkl import ChunkRefineWrapper, RecursiveConfig
+from rkl.model.kernels import set_short_convolution
+from rkl.paths import configs_dir, stage_config_path
+from rkl.train import refine_phases
+from rkl.train.optim import build_optimizer
+
+GiB = 2**30
+
+
+def build_base(preset: str, layers: int, seed: int) -> KimiLinearForCausalLM:
+    """The preset (as rkl.model.base.build_preset builds it: seeded, on the GPU when there is one, in bf16 there),
+    cut to its first `layers` decoder layers when layers > 0."""
+    set_short_convolution("fla")
+    fields = {k: v for k, v in json.loads((configs_dir() / "models" / f"{preset}.json").read_text()).items()
+              if not k.startswith("_")}
+    if layers:
+        fields["num_hidden_layers"] = layers
+        for key in ("layer_types", "mlp_layer_types"):
+            if key in fields:
+                fields[key] = fields[key][:layers]
+    on_gpu = torch.cuda.is_available()
+    torch.manual_seed(seed)
+    with torch.device("cuda" if on_gpu else "cpu"):
+        base = KimiLinearForCausalLM._from_config(KimiLinearConfig(**fields),
+                                                  dtype=torch.bfloat16 if on_gpu else torch.float32)
+    return base.eval()
+
+
+def phase_task(args) -> refine_phases.RefineTask:
+    """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull), at the
+    benchmark's shapes. Phase C's pretrained copy (the L2 reference) is built like the CLI builds it, and dropped."""
+    config = RecursiveConfig.from_file(stage_config_path(f"phase_{args.phase}")).replace(
+        chunk_width=args.width, max_inner_steps=args.k, batch_size=args.batch, seq_len=args.prefix + args.width,
+        steps=1000, warmup_steps=0)
+    base = build_base(args.preset, args.layers, seed=0)
+    pretrained = build_base(args.preset, args.layers, seed=0) if args.phase == "c" else None
+    wrapper = ChunkRefineWrapper(base, config)
+    device = next(base.parameters()).device
+    wrapper.to(device)
+    stream = torch.randint(3, base.config.vocab_size, (max(200_000, 8 * args.batch * config.seq_len),),
+                           generator=torch.Generator().manual_seed(0))
+    # the drift probe runs at validation, not in a training step (and needs a real tokenizer)
+    refine_phases.DriftProbe = lambda *a, **k: None
+    task = refine_phases.RefineTask(wrapper, SimpleNamespace(eos_token_id=2), config, stream, stream, device,
+                                    args.phase, {}, pretrained)
+    del pretrained
+    task.train_mode(True)
+    return task
+
+
+def train_step(task, optimizer, step: int, cache: bool) -> tuple[float, float, int]:
+    """(seconds, tokens, trainable tensors left without a gradient) of one step under bf16 autocast."""
+    device = task.device
+    sync(device)
+    t = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache):
+        loss, stats = task.loss(step, 0)
+    loss.backward()
+    missing = sum(p.grad is None for group in optimizer.param_groups for p in group["params"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - t, stats["tokens"], missing
+
+
+def tensor_bytes(task, optimizer) -> dict[str, float]:
+    """GiB of the tensors a step keeps, by kind, counted from the tensors themselves."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = {id(p) for p in trainable}
+    params = list(task.wrapper.base.parameters()) + [p for p in task.wrapper.parameters()
+                                                     if id(p) not in {id(q) for q in task.wrapper.base.parameters()}]
+    frozen = sum(p.numel() * p.element_size() for p in params if id(p) not in ids)
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    moments = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+                  if torch.is_tensor(t) and t.ndim > 0)
+    reference = sum(t.numel() * t.element_size() for t in task.reference.values())
+    return {"frozen weights": frozen / GiB, "trainable weights": weights / GiB,
+            "their gradients (in backward)": weights / GiB, "AdamW moments": moments / GiB,
+            "L2 reference": reference / GiB, "trainable parameters (B)": sum(p.numel() for p in trainable) / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    ap.add_argument("--phase", default="c", choices=("a", "b", "c"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prefix", type=int, default=256)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    task = phase_task(args)
+    optimizer = build_optimizer(task.trainable_groups(), task.config)
+    device = task.device
+    say(f"phase {args.phase} on {args.preset}" + (f" cut to {args.layers} layers" if args.layers else "")
+        + f" ({sum(p.numel() for p in task.wrapper.base.parameters()) / 1e9:.2f}B base parameters, "
+        f"{len(task.unfrozen) and len({n.split('.')[2] for n in task.unfrozen})} layers unfrozen) on "
+        f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}; batch {args.batch}, prefix {args.prefix}, "
+        f"W {args.width}, K {args.k}")
+
+    # warm-up: one step in each setting at the fixed shapes of step 0 (fla compiles and autotunes each new shape)
+    for cache in (False, True):
+        t = time.perf_counter()
+        train_step(task, optimizer, 0, cache)
+        say(f"warm-up step, cache {'on' if cache else 'off'}: {time.perf_counter() - t:.1f} s")
+    times, peaks, missing, tokens = {False: [], True: []}, {False: 0.0, True: 0.0}, {False: 0, True: 0}, 0.0
+    for r in range(args.repeats):
+        for cache in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            secs, tokens, lost = train_step(task, optimizer, 0, cache)
+            times[cache].append(secs)
+            missing[cache] = max(missing[cache], lost)
+            if on_gpu:
+                peaks[cache] = max(peaks[cache], torch.cuda.max_memory_allocated() / GiB)
+    say("\n| autocast weight-cast cache | s/step (median) | tokens/s | peak GiB | trainable tensors without a gradient |"
+        "\n|---|---|---|---|---|")
+    for cache in (False, True):
+        s = statistics.median(times[cache])
+        label = "off (rkl's AUTOCAST)" if not cache else "on (torch's default)"
+        say(f"| {label} | {s:.3f} | {tokens / s:,.0f} | {peaks[cache]:.1f} | {missing[cache]} |")
+    say(f"time ratio off / on: {statistics.median(times[False]) / statistics.median(times[True]):.3f}")
+
+    counted = tensor_bytes(task, optimizer)
+    static = sum(v for k, v in counted.items() if k not in ("their gradients (in backward)", "trainable parameters (B)"))
+    say("\n| tensors | GiB |\n|---|---|")
+    for k, v in counted.items():
+        say(f"| {k} | {v:.2f} |" if "(B)" not in k else f"| {k} | {v:.3f} B |")
+    say(f"| kept between steps (all but the gradients) | {static:.2f} |")
+    if on_gpu:
+        say(f"| allocated after a step (gradients freed) | {torch.cuda.memory_allocated() / GiB:.2f} |")
+        peak = max(peaks.values())
+        say(f"| peak of a step | {peak:.2f} |")
+        say(f"| peak - kept - gradients: activations and transients | "
+            f"{peak - static - counted['their gradients (in backward)']:.2f} |")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the device machine: . .whl/preamble.sh; bash scripts/gpu_autocast_cache.sh   (files land in $OUT)
+# What training with autocast's weight-cast cache off costs (rkl.train.loop.AUTOCAST: the cache lost FSDP-sharded
+# weights' gradients), one training step as the loop runs it, cache off and on interleaved; and phase C's measured
+# memory at the 48B-A3B widths on one GPU, cut to 8 decoder layers (scripts/bench_refine_step.py). The parts run one
+# after another (fla compiles its kernels on first use, once per process); each has a time limit and the script a
+# deadline.
+set -uo pipefail
+S=${OUT:-/tmp/rkl_cache}; mkdir -p "$S"
+DEADLINE=${DEADLINE:-570}
+part() { local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -le 5 ]; then echo "== $name: skipped, past the deadline" | tee -a "$S/summary.txt"; return 1; fi
+  timeout "$limit" "$@" > "$S/$name.txt" 2>&1; local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; return $rc; }
+SMALL=(python3 scripts/bench_refine_step.py --preset small --batch 8 --prefix 256 --width 32 --repeats 5)
+BIG=(python3 scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --layers 8 --phase c --prefix 512 --width 64
+     --repeats 3)
+part small_phase_c ${SMALL_LIMIT:-200} "${SMALL[@]}" --phase c
+part small_phase_a ${SMALL_LIMIT:-150} "${SMALL[@]}" --phase a
+part 48b_8_layers_phase_c_batch_2 ${BIG_LIMIT:-240} "${BIG[@]}" --batch 2 \
+  || part 48b_8_layers_phase_c_batch_1 ${BIG_LIMIT:-240} "${BIG[@]}" --batch 1
+echo; cat "$S/summary.txt"
+for f in "$S"/small_phase_c.txt "$S"/small_phase_a.txt "$S"/48b_*.txt; do
+  [ -f "$f" ] && { echo "== $(basename "$f" .txt)"; grep -E "^\||^phase|ratio|warm|rror" "$f" | tail -22; }; done
