@@ -20,13 +20,21 @@ part() { local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SE
   timeout "$limit" "$@" > "$S/$name.txt" 2>&1; local rc=$?
   echo "== $name: exit $rc after $((SECONDS - s)) s  $(grep -oE 'step 1/1 +loss [0-9.]+' "$S/$name.txt" | tail -1)" \
     | tee -a "$S/summary.txt"; }
-plain() { part "$1" ${LIMIT:-200} env "${@:3}" python3 scripts/fsdp_grad_probe.py "${RUN[@]}" --dtype "$2" \
+plain() { part "$1" $LIMIT env "${@:3}" python3 scripts/fsdp_grad_probe.py "${RUN[@]}" --dtype "$2" \
   --out "$W/$1"; }
-fsdp() { part "$1" ${LIMIT:-200} env "${@:3}" accelerate launch --config_file ${ACCEL:-configs/accelerate/fsdp2.yaml} \
+fsdp() { part "$1" $LIMIT env "${@:3}" accelerate launch --config_file ${ACCEL:-configs/accelerate/fsdp2.yaml} \
   --num_processes 1 scripts/fsdp_grad_probe.py "${RUN[@]}" --dtype "$2" --out "$W/$1"; }
 part surgery 120 python3 -m rkl surgery --model ${MODEL:-small} --out "$W/surgery" "${CLI[@]}"
-plain plain_bf16 bfloat16; plain plain_bf16_again bfloat16; fsdp fsdp_bf16 bfloat16
-plain plain_fp32 float32 PROBE_AUTOCAST=0; fsdp fsdp_fp32 float32 PROBE_AUTOCAST=0
+# RUNS: which runs, in order. The first run compiles fla's kernels (and their autotuning variants): FIRST_LIMIT
+for run in ${RUNS:-plain_bf16 plain_bf16_again fsdp_bf16 plain_fp32 fsdp_fp32}; do
+  [ "${first:-}" ] || { first=1; LIMIT=${FIRST_LIMIT:-${LIMIT:-200}}; }
+  case $run in
+    plain_bf16*) plain "$run" bfloat16;; fsdp_bf16*) fsdp "$run" bfloat16;;
+    plain_fp32*) plain "$run" float32 PROBE_AUTOCAST=0;; fsdp_fp32*) fsdp "$run" float32 PROBE_AUTOCAST=0;;
+    *) echo "unknown run $run"; exit 2;;
+  esac
+  LIMIT=${RUN_LIMIT:-200}
+done
 compare() { [ -d "$W/$2" ] && [ -d "$W/$3" ] || { echo "== $2 against $3: a run is missing" >> "$S/compare.txt"; return; }
   echo "== first-step gradients, $2 (a) against $3 (b)" >> "$S/compare.txt"
   python3 scripts/fsdp_grad_probe.py --compare "$W/surgery" "$W/$2" "$W/$3" "$1" 2>&1 | tail -4 >> "$S/compare.txt"; }
