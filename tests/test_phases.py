@@ -229,3 +229,36 @@ def test_lora_reaches_attention_mlps_and_the_routed_experts():
     old = load_base("tiny")[0]
     inject_lora(old, {"rank": 4, "alpha": 8, "layers": "top_third"})  # a checkpoint from before: no experts
     assert not any(".experts.lora_" in n or ".experts.base_layer.lora_" in n for n, _ in old.named_parameters())
+
+
+def test_l2_pull_keeps_no_copy_for_backward_and_matches_autograds_form(monkeypatch):
+    """Phase C's L2 pull saves only the parameters and the reference for backward (autograd's own form kept a float32
+    difference of every unfrozen tensor, which ran the 48B widths out of memory), in chunks and in one piece it
+    gives autograd's value, and its gradient is autograd's bitwise."""
+    from rkl.model import adapters
+
+    g = torch.Generator().manual_seed(0)
+    start = {"experts": torch.randn(4, 6, 5, generator=g), "norm": torch.randn(7, generator=g)}
+    reference = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in start.items()}
+
+    def pull(form, chunk=adapters.L2_CHUNK):
+        monkeypatch.setattr(adapters, "L2_CHUNK", chunk)
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            value = form(params)
+        (3.0 * value).backward()
+        owned = {t.untyped_storage().data_ptr() for t in [*params.values(), *reference.values()]}
+        copies = [t for t in saved if t.untyped_storage().data_ptr() not in owned]
+        return value, {k: p.grad for k, p in params.items()}, copies
+
+    def autograd_form(params):
+        return sum((p.float() - reference[k].float()).pow(2).sum() for k, p in params.items())
+
+    value, grads, copies = pull(lambda params: adapters.l2_to_pretrained(params, reference))
+    value_chunked, grads_chunked, _ = pull(lambda params: adapters.l2_to_pretrained(params, reference), chunk=16)
+    expected, expected_grads, expected_copies = pull(autograd_form)
+    assert expected_copies and not copies  # autograd's form saves its differences; the pull saves none
+    assert torch.equal(value, expected) and torch.allclose(value_chunked, expected, rtol=1e-6)
+    for k in start:
+        assert torch.equal(grads[k], expected_grads[k]) and torch.equal(grads_chunked[k], expected_grads[k]), k

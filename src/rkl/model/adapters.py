@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
@@ -125,13 +125,48 @@ def unfreeze(base: torch.nn.Module, config: RecursiveConfig) -> dict[str, torch.
     return params
 
 
+L2_CHUNK = 1 << 24  # elements per float32 temporary of the L2 pull's forward (64 MiB)
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """||p - r||^2 of one tensor, with gradient 2 (p - r) * g, saving only p and r themselves for backward.
+
+    Autograd's own (p.float() - r.float()).pow(2).sum() keeps the float32 difference of every unfrozen tensor until
+    backward: one more float32 copy of all the unfrozen layers (14.5 GB for 2 MoE layers at the 48B widths), taken
+    at the end of the forward, where activations peak. That is where phase C at the 48B widths ran out of memory on
+    one H200. Here the forward sums in chunks, and backward builds the difference once, as the gradient itself.
+    One chunk (the tensors of the small presets) computes what autograd's form computes; the gradient is the same
+    (times 2 is exact)."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p, r)
+        p_flat, r_flat = p.reshape(-1), r.reshape(-1)
+        total = None
+        for start in range(0, p_flat.numel(), L2_CHUNK):
+            d = p_flat[start:start + L2_CHUNK].float() - r_flat[start:start + L2_CHUNK].float()
+            part = d.pow(2).sum()
+            total = part if total is None else total + part
+        return total if total is not None else torch.zeros((), device=p.device)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, r = ctx.saved_tensors
+        return torch.sub(p, r).mul_(2 * g).to(p.dtype), None
+
+
 def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]) -> torch.Tensor:
     """sum ||theta - theta_0||^2 over the unfrozen parameters (EWC-lite with a unit Fisher). With FSDP, parameter and
-    reference are sharded alike, and each term is summed over the processes (its gradient reaches every shard)."""
+    reference are sharded alike: each process sums its own shard, and the terms are summed over the processes
+    (a Partial DTensor made whole), so the gradient reaches every shard."""
     total = None
     for name, p in params.items():
-        term = (p.float() - reference[name].float()).pow(2).sum()
-        term = term.full_tensor() if isinstance(term, DTensor) else term
+        r = reference[name]
+        if isinstance(p, DTensor):
+            local = _SquaredDistance.apply(p.to_local(), r.to_local())
+            term = DTensor.from_local(local, p.device_mesh, [Partial()] * p.device_mesh.ndim).full_tensor()
+        else:
+            term = _SquaredDistance.apply(p, r)
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 
