@@ -88,7 +88,8 @@ def main() -> None:
     print(f"{args.preset}: {args.layers} unfrozen layers, {numel / 1e9:.3f}B float32 parameters "
           f"({numel * 4 / GiB:.2f} GiB), bf16 reference {numel * 2 / GiB:.2f} GiB, on "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}", flush=True)
-    forms = {"autograd's (p.float() - r.float()).pow(2).sum()": autograd_form, "rkl's l2_to_pretrained": l2_to_pretrained}
+    forms = {"autograd's (p.float() - r.float()).pow(2).sum()": autograd_form,
+             "rkl's l2_to_pretrained": l2_to_pretrained}
     runs = {name: [] for name in forms}
     measure(l2_to_pretrained, params, reference, device)  # warm-up
     for r in range(args.repeats):

@@ -132,9 +132,10 @@ class _SquaredDistance(torch.autograd.Function):
     """||p - r||^2 of one tensor, with gradient 2 (p - r) * g, saving only p and r themselves for backward.
 
     Autograd's own (p.float() - r.float()).pow(2).sum() keeps the float32 difference of every unfrozen tensor until
-    backward: one more float32 copy of all the unfrozen layers (14.5 GB for 2 MoE layers at the 48B widths), taken
-    at the end of the forward, where activations peak. That is where phase C at the 48B widths ran out of memory on
-    one H200. Here the forward sums in chunks, and backward builds the difference once, as the gradient itself.
+    backward: one more float32 copy of all the unfrozen layers (13.8 GiB for 2 MoE layers at the 48B widths, by
+    scripts/bench_l2_pull.py), taken at the end of the forward, where activations peak; phase C at the 48B widths ran
+    out of memory there on one H200. Here the forward sums in chunks, and backward builds the difference once, as the
+    gradient itself.
     One chunk (the tensors of the small presets) computes what autograd's form computes; the gradient is the same
     (times 2 is exact)."""
 
