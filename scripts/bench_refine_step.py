@@ -9,6 +9,9 @@ AdamW step), measured side by side in one process (random weights and tokens):
    with a float32 gradient and two AdamW moments, 16 bytes per parameter; phase C's bf16 L2 reference) beside what
    the allocator holds after a step and at its peak; the rest of the peak is activations.
 
+--memory-breakdown (GPU): the live allocations by the line that made them, in rkl, transformers or fla: after the
+forward of the last measured step (what backward keeps) and where a step runs out of memory.
+
 --layers N keeps the preset's first N decoder layers (its widths, experts and layer pattern), so phase C at the
 48B-A3B widths fits one GPU: every 4th layer unfrozen is 16 bytes per parameter of AdamW training state.
 
@@ -19,7 +22,9 @@ AdamW step), measured side by side in one process (random weights and tokens):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import sys
 import statistics
 import time
 from types import SimpleNamespace
@@ -77,19 +82,64 @@ def phase_task(args) -> refine_phases.RefineTask:
     return task
 
 
-def train_step(task, optimizer, step: int, cache: bool) -> tuple[float, float, int]:
-    """(seconds, tokens, trainable tensors left without a gradient) of one step under bf16 autocast."""
+def train_step(task, optimizer, step: int, cache: bool, breakdown: bool = False) -> tuple[float, float, int]:
+    """(seconds, tokens, trainable tensors left without a gradient) of one step under bf16 autocast; breakdown:
+    print the live allocations between forward and backward (a step not to time)."""
     device = task.device
     sync(device)
     t = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache):
         loss, stats = task.loss(step, 0)
+    if breakdown:
+        print_breakdown("live after the forward (what backward keeps)")
     loss.backward()
     missing = sum(p.grad is None for group in optimizer.param_groups for p in group["params"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - t, stats["tokens"], missing
+
+
+OUR_CODE = ("/rkl/", "/transformers/", "/fla/", "scripts/")
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """The innermost frame in rkl, transformers, fla or a script (a snapshot lists a block's frames innermost
+    first), else the innermost one."""
+    for frame in frames:
+        if any(part in frame["filename"] for part in OUR_CODE):
+            break
+    else:
+        if not frames:
+            return "(no stack recorded)"
+        frame = frames[0]
+    path = frame["filename"]
+    for part in OUR_CODE:
+        if part in path:
+            path = part.strip("/") + "/" + path.split(part, 1)[1]
+            break
+    return f"{path}:{frame['line']} {frame['name']}"
+
+
+def memory_breakdown(snapshot: dict, top: int = 15) -> list[str]:
+    """Markdown rows: GiB of live (allocated) blocks by allocation site, largest first, and the total."""
+    by_site, count = collections.Counter(), collections.Counter()
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                site = allocation_site(block.get("frames", []))
+                by_site[site] += block["size"]
+                count[site] += 1
+    rows = [f"| {site} | {count[site]} | {size / GiB:.2f} |" for site, size in by_site.most_common(top)]
+    rest = sum(by_site.values()) - sum(size for _, size in by_site.most_common(top))
+    return ["| allocated at | blocks | GiB |", "|---|---|---|", *rows, f"| (all other sites) | | {rest / GiB:.2f} |",
+            f"| **all live blocks** | {sum(count.values())} | {sum(by_site.values()) / GiB:.2f} |"]
+
+
+def print_breakdown(title: str) -> None:
+    say(f"\n{title}:")
+    for row in memory_breakdown(torch.cuda.memory._snapshot()):
+        say(row)
 
 
 def tensor_bytes(task, optimizer) -> dict[str, float]:
@@ -118,11 +168,18 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-breakdown", action="store_true",
+                    help="on a GPU: live allocations by their line after a forward and where a step runs out of memory")
     ap.add_argument("--settings", default="both", choices=("both", "off"),
                     help="off: only how rkl trains (cache off), e.g. where a warm-up step compiles for minutes")
     args = ap.parse_args()
 
     on_gpu = torch.cuda.is_available()
+    breakdown = args.memory_breakdown and on_gpu
+    if args.memory_breakdown and not on_gpu:
+        say("--memory-breakdown needs a GPU: ignored")
+    if breakdown:
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=100_000)  # allocations from here on
     task = phase_task(args)
     optimizer = build_optimizer(task.trainable_groups(), task.config)
     device = task.device
@@ -132,22 +189,30 @@ def main() -> None:
         f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}; batch {args.batch}, prefix {args.prefix}, "
         f"W {args.width}, K {args.k}")
 
-    # warm-up: one step in each setting at the fixed shapes of step 0 (fla compiles and autotunes each new shape)
-    settings = (False, True) if args.settings == "both" else (False,)
-    for cache in settings:
-        t = time.perf_counter()
-        train_step(task, optimizer, 0, cache)
-        say(f"warm-up step, cache {'on' if cache else 'off'}: {time.perf_counter() - t:.1f} s")
     times, peaks, missing, tokens = {False: [], True: []}, {False: 0.0, True: 0.0}, {False: 0, True: 0}, 0.0
-    for r in range(args.repeats):
-        for cache in (settings if r % 2 == 0 else settings[::-1]):  # alternate which goes first
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            secs, tokens, lost = train_step(task, optimizer, 0, cache)
-            times[cache].append(secs)
-            missing[cache] = max(missing[cache], lost)
-            if on_gpu:
-                peaks[cache] = max(peaks[cache], torch.cuda.max_memory_allocated() / GiB)
+    settings = (False, True) if args.settings == "both" else (False,)
+    try:
+        # warm-up: one step in each setting at the fixed shapes of step 0 (fla compiles and autotunes each new shape)
+        for cache in settings:
+            t = time.perf_counter()
+            train_step(task, optimizer, 0, cache)
+            say(f"warm-up step, cache {'on' if cache else 'off'}: {time.perf_counter() - t:.1f} s")
+        for r in range(args.repeats):
+            for cache in (settings if r % 2 == 0 else settings[::-1]):  # alternate which goes first
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                secs, tokens, lost = train_step(task, optimizer, 0, cache)
+                times[cache].append(secs)
+                missing[cache] = max(missing[cache], lost)
+                if on_gpu:
+                    peaks[cache] = max(peaks[cache], torch.cuda.max_memory_allocated() / GiB)
+        if breakdown:  # one more step, untimed, as rkl trains
+            train_step(task, optimizer, 0, False, breakdown=True)
+    except torch.OutOfMemoryError as e:
+        say(f"out of memory: {str(e).splitlines()[0]}")
+        if breakdown:
+            print_breakdown("live where the step ran out of memory")
+        sys.exit(1)
     say("\n| autocast weight-cast cache | s/step (median) | tokens/s | peak GiB | trainable tensors without a gradient |"
         "\n|---|---|---|---|---|")
     for cache in settings:

@@ -15,7 +15,7 @@ part() { local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SE
   echo "== $name: exit $rc after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; return $rc; }
 SMALL=(python3 scripts/bench_refine_step.py --preset small --batch 8 --prefix 256 --width 32 --repeats 5)
 BIG=(python3 scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --layers 8 --phase c --prefix 512 --width 64
-     --repeats 3)
+     --repeats 3 --memory-breakdown)
 # BIG_ONLY=1: only the 48B widths, and there only how rkl trains (cache off): their warm-up compiles for minutes
 if [ -z "${BIG_ONLY:-}" ]; then
   part small_phase_c ${SMALL_LIMIT:-200} "${SMALL[@]}" --phase c
@@ -25,4 +25,4 @@ part 48b_8_layers_phase_c_batch_2 ${BIG_LIMIT:-240} "${BIG[@]}" --batch 2 \
   || part 48b_8_layers_phase_c_batch_1 ${BIG_LIMIT:-240} "${BIG[@]}" --batch 1
 echo; cat "$S/summary.txt"
 for f in "$S"/small_phase_c.txt "$S"/small_phase_a.txt "$S"/48b_*.txt; do
-  [ -f "$f" ] && { echo "== $(basename "$f" .txt)"; grep -E "^\||^phase|ratio|warm|rror" "$f" | tail -22; }; done
+  [ -f "$f" ] && { echo "== $(basename "$f" .txt)"; grep -E "^\||^phase|ratio|warm|rror" "$f" | tail -45; }; done
