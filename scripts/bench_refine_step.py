@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
@@ -100,7 +100,7 @@ def train_step(task, optimizer, step: int, cache: bool, breakdown: bool = False)
     return time.perf_counter() - t, stats["tokens"], missing
 
 
-OUR_CODE = ("/rkl/", "/transformers/", "/fla/", "scripts/")
+OUR_CODE = ("/src/rkl/", "site-packages/rkl/", "site-packages/transformers/", "site-packages/fla/", "/scripts/")
 
 
 def allocation_site(frames: list[dict]) -> str:
@@ -116,7 +116,7 @@ def allocation_site(frames: list[dict]) -> str:
     path = frame["filename"]
     for part in OUR_CODE:
         if part in path:
-            path = part.strip("/") + "/" + path.split(part, 1)[1]
+            path = part.split("/")[-2] + "/" + path.split(part, 1)[1]
             break
     return f"{path}:{frame['line']} {frame['name']}"
 
@@ -179,7 +179,7 @@ def main() -> None:
     if args.memory_breakdown and not on_gpu:
         say("--memory-breakdown needs a GPU: ignored")
     if breakdown:
-        torch.cuda.memory._record_memory_history(stacks="python", max_entries=100_000)  # allocations from here on
+        torch.cuda.memory._record_memory_history("state", stacks="python")  # live blocks' stacks only
     task = phase_task(args)
     optimizer = build_optimizer(task.trainable_groups(), task.config)
     device = task.device

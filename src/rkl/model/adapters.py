@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
@@ -153,7 +153,7 @@ class _SquaredDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         p, r = ctx.saved_tensors
-        return torch.sub(p, r).mul_(2 * g).to(p.dtype), None
+        return (p.float() - r).mul_(2 * g).to(p.dtype), None  # float32 p: no copy made but the gradient
 
 
 def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -165,7 +165,9 @@ def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str,
         r = reference[name]
         if isinstance(p, DTensor):
             local = _SquaredDistance.apply(p.to_local(), r.to_local())
-            term = DTensor.from_local(local, p.device_mesh, [Partial()] * p.device_mesh.ndim).full_tensor()
+            # summed over the mesh dimensions that shard p, equal on those that replicate it
+            placements = [Partial() if isinstance(x, Shard) else Replicate() for x in p.placements]
+            term = DTensor.from_local(local, p.device_mesh, placements).full_tensor()
         else:
             term = _SquaredDistance.apply(p, r)
         total = term if total is None else total + term

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""What one training step of a recursive phase saves for backward, by the line that saved it: the activations side
+of the step's memory, on any device (saved_tensors_hooks; storages counted once; the weights themselves and the L2
+reference not counted). The base is built in bf16 and the step runs under bf16 autocast, as rkl trains on a GPU;
+--experts N shrinks the routed experts, so the 48B widths fit a CPU. On a CPU the kernels are the reference ones
+(transformers' KDA, torch's CPU grouped_mm), so what the GPU's kernels save may differ.
+
+    python scripts/saved_for_backward.py --preset kimi_linear_48b_a3b --layers 8 --experts 8 --phase c
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_refine_step  # noqa: E402  (its phase_task builds the RefineTask the training loop runs)
+
+from rkl.paths import configs_dir  # noqa: E402
+
+GiB = 2**30
+OUR_CODE = ("/src/rkl/", "site-packages/rkl/", "site-packages/transformers/", "site-packages/fla/")
+
+
+def bf16_base(experts: int):
+    def build(preset: str, layers: int, seed: int) -> KimiLinearForCausalLM:
+        fields = {k: v for k, v in json.loads((configs_dir() / "models" / f"{preset}.json").read_text()).items()
+                  if not k.startswith("_")}
+        if experts:
+            fields["num_local_experts"] = experts
+        if layers:
+            fields["num_hidden_layers"] = layers
+            for key in ("layer_types", "mlp_layer_types"):
+                if key in fields:
+                    fields[key] = fields[key][:layers]
+        torch.manual_seed(seed)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            return KimiLinearForCausalLM._from_config(KimiLinearConfig(**fields), dtype=torch.bfloat16).eval()
+    return build
+
+
+def site() -> str:
+    """The innermost caller in rkl, transformers or fla."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        for part in OUR_CODE:
+            if part in frame.filename:
+                return f"{part.split('/')[-2]}/{frame.filename.split(part, 1)[1]}:{frame.lineno} {frame.name}"
+    return "(elsewhere)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    ap.add_argument("--experts", type=int, default=0, help="routed experts per MoE layer (0: the preset's)")
+    ap.add_argument("--phase", default="c", choices=("a", "b", "c"))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefix", type=int, default=512)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    args = ap.parse_args()
+    bench_refine_step.build_base = bf16_base(args.experts)
+    task = bench_refine_step.phase_task(args)
+    weights = {t.untyped_storage().data_ptr() for t in [*task.wrapper.parameters(), *task.reference.values()]}
+    seen, by_site, shapes = set(), collections.Counter(), collections.defaultdict(collections.Counter)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in weights:
+            seen.add(ptr)
+            where = site()
+            by_site[where] += t.untyped_storage().nbytes()
+            shapes[where][f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"] += t.untyped_storage().nbytes()
+        return t
+
+    start = time.perf_counter()
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.autocast(task.device.type, dtype=torch.bfloat16), hooks:
+        task.loss(0, 0)
+    print(f"phase {args.phase}, {args.preset}" + (f" cut to {args.layers} layers" if args.layers else "")
+          + (f", {args.experts} experts" if args.experts else "") + f"; batch {args.batch}, prefix {args.prefix}, "
+          f"W {args.width}, K {args.k}; unfrozen layers {sorted({int(n.split('.')[2]) for n in task.unfrozen})}; "
+          f"forward {time.perf_counter() - start:.0f} s on {task.device.type}")
+    print("\n| saved at | GiB | largest kinds (shape dtype: GiB) |\n|---|---|---|")
+    for where, size in by_site.most_common(12):
+        common = ", ".join(f"{k}: {n / GiB:.3f}" for k, n in shapes[where].most_common(2))
+        print(f"| {where} | {size / GiB:.3f} | {common} |")
+    print(f"| **all (not the weights)** | {sum(by_site.values()) / GiB:.3f} | |")
+
+
+if __name__ == "__main__":
+    main()
