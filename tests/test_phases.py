@@ -231,6 +231,36 @@ def test_lora_reaches_attention_mlps_and_the_routed_experts():
     assert not any(".experts.lora_" in n or ".experts.base_layer.lora_" in n for n, _ in old.named_parameters())
 
 
+def test_expert_lora_keeps_merged_expert_stacks_for_backward_and_lora_experts_false_leaves_them_out():
+    """peft's LoRA on the fused experts builds W + s A B of a whole stack in each forward, and backward keeps it
+    (docs/benchmarks.md: at 48B this is what runs phases B and C out of memory); lora_experts=false adapts no routed
+    expert, and nothing of a stack's shape is saved beyond the weights themselves."""
+    from rkl.model.adapters import apply_lora
+    from rkl.model.base import load_base
+
+    def stack_copies(experts: bool) -> tuple[int, bool]:
+        base, _ = load_base("tiny")
+        apply_lora(base, RecursiveConfig(**{**REFINE, "lora_rank": 4, "lora_experts": experts}))
+        stacks = {tuple(p.shape) for n, p in base.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
+        stacks |= {s[:1] + s[1:][::-1] for s in stacks}  # the transposed views the grouped matmul gets
+        weights = {p.untyped_storage().data_ptr() for p in base.parameters()}
+        copies = []
+
+        def pack(t):
+            if tuple(t.shape) in stacks and t.untyped_storage().data_ptr() not in weights:
+                copies.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            base(torch.arange(3, 27).reshape(2, 12), use_cache=False).logits.sum()
+        return len(copies), any(".experts." in n and "lora_" in n for n, _ in base.named_parameters())
+
+    copies, adapted = stack_copies(True)
+    assert adapted and copies > 0
+    copies, adapted = stack_copies(False)
+    assert not adapted and copies == 0
+
+
 def test_l2_pull_keeps_no_copy_for_backward_and_matches_autograds_form(monkeypatch):
     """Phase C's L2 pull saves only the parameters and the reference for backward (autograd's own form kept a float32
     difference of every unfrozen tensor, which ran the 48B widths out of memory), in chunks and in one piece it

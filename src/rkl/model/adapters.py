@@ -48,7 +48,7 @@ def apply_lora(base: torch.nn.Module, config: RecursiveConfig) -> list[torch.nn.
     """Inject LoRA adapters in place (module objects and forward hooks stay valid); return their parameters."""
     if not any("lora_" in n for n, _ in base.named_parameters()):  # else: resumed, or phase B's adapters
         inject_lora(base, {"rank": config.lora_rank, "alpha": config.lora_alpha, "layers": config.lora_layers,
-                           "experts": True})
+                           "experts": config.lora_experts})
     params = [p for n, p in base.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
