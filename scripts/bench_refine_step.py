@@ -60,12 +60,12 @@ def build_base(preset: str, layers: int, seed: int) -> KimiLinearForCausalLM:
     return base.eval()
 
 
-def phase_task(args) -> refine_phases.RefineTask:
+def phase_task(args, **overrides) -> refine_phases.RefineTask:
     """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull), at the
     benchmark's shapes. Phase C's pretrained copy (the L2 reference) is built like the CLI builds it, and dropped."""
     config = RecursiveConfig.from_file(stage_config_path(f"phase_{args.phase}")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=args.batch, seq_len=args.prefix + args.width,
-        steps=1000, warmup_steps=0)
+        steps=1000, warmup_steps=0, **overrides)
     base = build_base(args.preset, args.layers, seed=0)
     pretrained = build_base(args.preset, args.layers, seed=0) if args.phase == "c" else None
     wrapper = ChunkRefineWrapper(base, config)

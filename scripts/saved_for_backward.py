@@ -6,6 +6,9 @@ reference not counted). The base is built in bf16 and the step runs under bf16 a
 (transformers' KDA, torch's CPU grouped_mm), so what the GPU's kernels save may differ.
 
     python scripts/saved_for_backward.py --preset kimi_linear_48b_a3b --layers 8 --experts 8 --phase c
+
+With gradient_checkpointing=true (--set) the forward saves only what each inner step's recomputation starts from;
+backward then recomputes one inner step at a time, which saves at most one step's share again (not counted here).
 """
 
 from __future__ import annotations
@@ -66,9 +69,12 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="a RecursiveConfig field over the phase's stage file, e.g. gradient_checkpointing=true")
     args = ap.parse_args()
     bench_refine_step.build_base = bf16_base(args.experts)
-    task = bench_refine_step.phase_task(args)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    task = bench_refine_step.phase_task(args, **overrides)
     weights = {t.untyped_storage().data_ptr() for t in [*task.wrapper.parameters(), *task.reference.values()]}
     seen, by_site, shapes = set(), collections.Counter(), collections.defaultdict(collections.Counter)
 
@@ -87,7 +93,7 @@ def main() -> None:
         task.loss(0, 0)
     print(f"phase {args.phase}, {args.preset}" + (f" cut to {args.layers} layers" if args.layers else "")
           + (f", {args.experts} experts" if args.experts else "") + f"; batch {args.batch}, prefix {args.prefix}, "
-          f"W {args.width}, K {args.k}; unfrozen layers {sorted({int(n.split('.')[2]) for n in task.unfrozen})}; "
+          f"W {args.width}, K {args.k}{''.join(f'; {item}' for item in args.set)}; unfrozen layers {sorted({int(n.split('.')[2]) for n in task.unfrozen})}; "
           f"forward {time.perf_counter() - start:.0f} s on {task.device.type}")
     print("\n| saved at | GiB | largest kinds (shape dtype: GiB) |\n|---|---|---|")
     for where, size in by_site.most_common(12):
