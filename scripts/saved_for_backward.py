@@ -91,9 +91,11 @@ def main() -> None:
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with torch.autocast(task.device.type, dtype=torch.bfloat16), hooks:
         task.loss(0, 0)
+    unfrozen = sorted({int(n.split(".")[2]) for n in task.unfrozen})
+    settings = "".join(f"; {item}" for item in args.set)
     print(f"phase {args.phase}, {args.preset}" + (f" cut to {args.layers} layers" if args.layers else "")
           + (f", {args.experts} experts" if args.experts else "") + f"; batch {args.batch}, prefix {args.prefix}, "
-          f"W {args.width}, K {args.k}{''.join(f'; {item}' for item in args.set)}; unfrozen layers {sorted({int(n.split('.')[2]) for n in task.unfrozen})}; "
+          f"W {args.width}, K {args.k}{settings}; unfrozen layers {unfrozen}; "
           f"forward {time.perf_counter() - start:.0f} s on {task.device.type}")
     print("\n| saved at | GiB | largest kinds (shape dtype: GiB) |\n|---|---|---|")
     for where, size in by_site.most_common(12):
