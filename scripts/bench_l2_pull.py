@@ -14,16 +14,14 @@ autograd's form ran phase C out of memory on one H200 (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from transformers import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDecoderLayer
 
 from rkl.model.adapters import l2_to_pretrained, unfrozen_layers
-from rkl.paths import configs_dir
+from rkl.model.base import preset_config
 
 GiB = 2**30
 
@@ -31,9 +29,7 @@ GiB = 2**30
 def unfrozen_tensors(preset: str, count: int, device: torch.device):
     """(params, reference): the first `count` layers phase C unfreezes (unfreeze_every 4), float32 parameters and a
     bf16 reference 0.01 away, random."""
-    fields = {k: v for k, v in json.loads((configs_dir() / "models" / f"{preset}.json").read_text()).items()
-              if not k.startswith("_")}
-    config = KimiLinearConfig(**fields)
+    config = preset_config(preset)
     params, reference = {}, {}
     g = torch.Generator(device=device).manual_seed(0)
     for i in unfrozen_layers(config.num_hidden_layers, 4)[:count]:

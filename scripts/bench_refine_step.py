@@ -23,51 +23,62 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import sys
 import time
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from transformers import KimiLinearConfig, KimiLinearForCausalLM
 
 from rkl import ChunkRefineWrapper, RecursiveConfig
+from rkl.model.base import preset_config
 from rkl.model.kernels import set_short_convolution
-from rkl.paths import configs_dir, stage_config_path
+from rkl.paths import stage_config_path
 from rkl.train import refine_phases
 from rkl.train.optim import build_optimizer
 
 GiB = 2**30
 
 
-def build_base(preset: str, layers: int, seed: int) -> KimiLinearForCausalLM:
-    """The preset (as rkl.model.base.build_preset builds it: seeded, on the GPU when there is one, in bf16 there),
-    cut to its first `layers` decoder layers when layers > 0."""
-    set_short_convolution("fla")
-    fields = {k: v for k, v in json.loads((configs_dir() / "models" / f"{preset}.json").read_text()).items()
-              if not k.startswith("_")}
+def cut_preset(preset: str, layers: int = 0, experts: int = 0) -> KimiLinearConfig:
+    """The preset's config (rkl.model.base.preset_config) cut to its first `layers` decoder layers (their widths,
+    experts and layer pattern) and to `experts` routed experts per MoE layer, where those are > 0."""
+    config = preset_config(preset)
     if layers:
-        fields["num_hidden_layers"] = layers
+        config.num_hidden_layers = layers
         for key in ("layer_types", "mlp_layer_types"):
-            if key in fields:
-                fields[key] = fields[key][:layers]
+            if getattr(config, key, None) is not None:
+                setattr(config, key, getattr(config, key)[:layers])
+    if experts:
+        config.num_local_experts = experts
+    return config
+
+
+def build_base(preset: str, layers: int, seed: int, dtype: torch.dtype | None = None,
+               experts: int = 0) -> KimiLinearForCausalLM:
+    """The preset (as rkl.model.base.build_preset builds it: seeded, on the GPU when there is one, in bf16 there, or in
+    `dtype`), cut as cut_preset cuts it."""
+    set_short_convolution("fla")
     on_gpu = torch.cuda.is_available()
     torch.manual_seed(seed)
     with torch.device("cuda" if on_gpu else "cpu"):
-        base = KimiLinearForCausalLM._from_config(KimiLinearConfig(**fields),
-                                                  dtype=torch.bfloat16 if on_gpu else torch.float32)
+        base = KimiLinearForCausalLM._from_config(cut_preset(preset, layers, experts),
+                                                  dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32))
     return base.eval()
 
 
-def phase_task(args, **overrides) -> refine_phases.RefineTask:
-    """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull), at the
-    benchmark's shapes. Phase C's pretrained copy (the L2 reference) is built like the CLI builds it, and dropped."""
+def phase_task(args, build: Callable[..., KimiLinearForCausalLM] = build_base,
+               **overrides) -> refine_phases.RefineTask:
+    """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull; `overrides`
+    over it), at the benchmark's shapes, on a base from `build`. Phase C's pretrained copy (the L2 reference) is built
+    like the CLI builds it, and dropped."""
     config = RecursiveConfig.from_file(stage_config_path(f"phase_{args.phase}")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=args.batch, seq_len=args.prefix + args.width,
         steps=1000, warmup_steps=0, **overrides)
-    base = build_base(args.preset, args.layers, seed=0)
-    pretrained = build_base(args.preset, args.layers, seed=0) if args.phase == "c" else None
+    base = build(args.preset, args.layers, seed=0)
+    pretrained = build(args.preset, args.layers, seed=0) if args.phase == "c" else None
     wrapper = ChunkRefineWrapper(base, config)
     device = next(base.parameters()).device
     wrapper.to(device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import sys
 import time
@@ -22,41 +23,18 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import KimiLinearConfig, KimiLinearForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_refine_step  # noqa: E402  (its phase_task builds the RefineTask the training loop runs)
 
-from rkl.paths import configs_dir  # noqa: E402
-
 GiB = 2**30
-OUR_CODE = ("/src/rkl/", "site-packages/rkl/", "site-packages/transformers/", "site-packages/fla/")
-
-
-def bf16_base(experts: int):
-    def build(preset: str, layers: int, seed: int) -> KimiLinearForCausalLM:
-        fields = {k: v for k, v in json.loads((configs_dir() / "models" / f"{preset}.json").read_text()).items()
-                  if not k.startswith("_")}
-        if experts:
-            fields["num_local_experts"] = experts
-        if layers:
-            fields["num_hidden_layers"] = layers
-            for key in ("layer_types", "mlp_layer_types"):
-                if key in fields:
-                    fields[key] = fields[key][:layers]
-        torch.manual_seed(seed)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            return KimiLinearForCausalLM._from_config(KimiLinearConfig(**fields), dtype=torch.bfloat16).eval()
-    return build
 
 
 def site() -> str:
-    """The innermost caller in rkl, transformers or fla."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        for part in OUR_CODE:
-            if part in frame.filename:
-                return f"{part.split('/')[-2]}/{frame.filename.split(part, 1)[1]}:{frame.lineno} {frame.name}"
-    return "(elsewhere)"
+    """The innermost caller in rkl, transformers or fla (as bench_refine_step names an allocation's site), leaving
+    out this script's own hook."""
+    frames = [{"filename": f.filename, "line": f.lineno, "name": f.name} for f in traceback.extract_stack()[:-2]]
+    return bench_refine_step.allocation_site(frames[::-1])
 
 
 def main() -> None:
@@ -72,9 +50,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="a RecursiveConfig field over the phase's stage file, e.g. gradient_checkpointing=true")
     args = ap.parse_args()
-    bench_refine_step.build_base = bf16_base(args.experts)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    task = bench_refine_step.phase_task(args, **overrides)
+    build = functools.partial(bench_refine_step.build_base, dtype=torch.bfloat16, experts=args.experts)
+    task = bench_refine_step.phase_task(args, build, **overrides)
     weights = {t.untyped_storage().data_ptr() for t in [*task.wrapper.parameters(), *task.reference.values()]}
     seen, by_site, shapes = set(), collections.Counter(), collections.defaultdict(collections.Counter)
 
