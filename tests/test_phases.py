@@ -231,16 +231,17 @@ def test_lora_reaches_attention_mlps_and_the_routed_experts():
     assert not any(".experts.lora_" in n or ".experts.base_layer.lora_" in n for n, _ in old.named_parameters())
 
 
-def test_expert_lora_keeps_merged_expert_stacks_for_backward_and_lora_experts_false_leaves_them_out():
-    """peft's LoRA on the fused experts builds W + s A B of a whole stack in each forward, and backward keeps it
-    (docs/benchmarks.md: at 48B this is what runs phases B and C out of memory); lora_experts=false adapts no routed
-    expert, and nothing of a stack's shape is saved beyond the weights themselves."""
+def test_expert_lora_saves_no_merged_stack_and_computes_what_peft_computes():
+    """peft's LoRA on the fused experts builds W + s B A of a whole stack in each forward and backward keeps it (at
+    48B this ran phases B and C out of memory, docs/benchmarks.md). rkl's expert forward saves no tensor of a stack's
+    shape beyond the weights, gives peft's logits and gradients (B random, so the adapters act), is bitwise the
+    unadapted base while B is zero, and lora_experts=false adapts no routed expert."""
     from rkl.model.adapters import apply_lora
     from rkl.model.base import load_base
 
-    def stack_copies(experts: bool) -> tuple[int, bool]:
-        base, _ = load_base("tiny")
-        apply_lora(base, RecursiveConfig(**{**REFINE, "lora_rank": 4, "lora_experts": experts}))
+    ids = torch.arange(3, 27).reshape(2, 12)
+
+    def step(base) -> tuple[torch.Tensor, dict, int]:
         stacks = {tuple(p.shape) for n, p in base.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
         stacks |= {s[:1] + s[1:][::-1] for s in stacks}  # the transposed views the grouped matmul gets
         weights = {p.untyped_storage().data_ptr() for p in base.parameters()}
@@ -251,14 +252,38 @@ def test_expert_lora_keeps_merged_expert_stacks_for_backward_and_lora_experts_fa
                 copies.append(t)
             return t
 
+        base.zero_grad(set_to_none=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            base(torch.arange(3, 27).reshape(2, 12), use_cache=False).logits.sum()
-        return len(copies), any(".experts." in n and "lora_" in n for n, _ in base.named_parameters())
+            logits = base(ids, use_cache=False).logits
+        logits.pow(2).mean().backward()
+        return logits.detach(), {n: p.grad for n, p in base.named_parameters() if "lora_" in n}, len(copies)
 
-    copies, adapted = stack_copies(True)
-    assert adapted and copies > 0
-    copies, adapted = stack_copies(False)
-    assert not adapted and copies == 0
+    unadapted = load_base("tiny")[0](ids, use_cache=False).logits.detach()
+    base, _ = load_base("tiny")
+    apply_lora(base, RecursiveConfig(**{**REFINE, "lora_rank": 4, "lora_experts": True}))
+    expert_wrappers = [m for n, m in base.named_modules() if n.endswith(".mlp.experts") and hasattr(m, "lora_A")]
+    assert expert_wrappers
+    torch.testing.assert_close(step(base)[0], unadapted, rtol=0, atol=0)
+    torch.manual_seed(0)
+    for name, p in base.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    logits, grads, copies = step(base)
+    assert copies == 0
+    for wrapper in expert_wrappers:
+        del wrapper.forward  # back to peft's own ParamWrapper.forward (the parametrized merged stack)
+    peft_logits, peft_grads, peft_copies = step(base)
+    assert peft_copies > 0  # the probe sees peft's merged stacks
+    assert (logits - unadapted).abs().max() > 1e-3  # the adapters act
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-6)
+    assert any(".experts." in n for n in grads) and grads.keys() == peft_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-7)
+
+    base, _ = load_base("tiny")
+    apply_lora(base, RecursiveConfig(**{**REFINE, "lora_rank": 4, "lora_experts": False}))
+    assert not any(".experts." in n and "lora_" in n for n, _ in base.named_parameters())
+    assert step(base)[2] == 0
 
 
 def test_l2_pull_keeps_no_copy_for_backward_and_matches_autograds_form(monkeypatch):

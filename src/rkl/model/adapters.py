@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
+from rkl.model import expert_lora
 from rkl.model.weights import read_safetensors
 
 LORA_FILE = "lora.safetensors"
@@ -69,7 +70,9 @@ def inject_lora(base: torch.nn.Module, shape: dict) -> None:
     without them).
 
     float32 whatever the base's dtype: they train, and bf16 weights lose AdamW's small steps to rounding. peft
-    casts a LoRA layer's input to the adapter's dtype and the result back, so they run inside a bf16 base."""
+    casts a LoRA layer's input to the adapter's dtype and the result back, so they run inside a bf16 base.
+
+    The routed experts' adapters run through `expert_lora` (side products instead of peft's merged stacks)."""
     layers = lora_layers(base.config.num_hidden_layers, shape["layers"])
     experts = expert_parameter_names(base, layers) if shape.get("experts", False) else None
     inject_adapter_in_model(LoraConfig(r=shape["rank"], lora_alpha=shape["alpha"], lora_dropout=0.0,
@@ -77,6 +80,9 @@ def inject_lora(base: torch.nn.Module, shape: dict) -> None:
     for name, p in base.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
+    for name in experts or []:
+        if name.endswith(".down_proj"):  # the outer wrapper: down_proj's around gate_up_proj's
+            expert_lora.install(base.get_submodule(name.removesuffix(".down_proj")))
     base.rkl_lora_shape = dict(shape)
 
 
