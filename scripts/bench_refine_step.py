@@ -17,6 +17,9 @@ forward of the last measured step (what backward keeps) and where a step runs ou
 
     python scripts/bench_refine_step.py --preset small --phase c --batch 8 --prefix 256 --width 32
     python scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --layers 8 --phase c --batch 2 --prefix 512
+
+--peft-expert-forward runs the routed experts' LoRA as peft builds it (a merged stack per forward), to set beside
+rkl.model.expert_lora's side products in a second process.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from transformers import KimiLinearConfig, KimiLinearForCausalLM
 
 from rkl import ChunkRefineWrapper, RecursiveConfig
 from rkl.model.base import preset_config
+from rkl.model.expert_lora import restore_peft_forward
 from rkl.model.kernels import set_short_convolution
 from rkl.paths import stage_config_path
 from rkl.train import refine_phases
@@ -183,6 +187,9 @@ def main() -> None:
                     help="on a GPU: live allocations by their line after a forward and where a step runs out of memory")
     ap.add_argument("--settings", default="both", choices=("both", "off"),
                     help="off: only how rkl trains (cache off), e.g. where a warm-up step compiles for minutes")
+    ap.add_argument("--peft-expert-forward", action="store_true",
+                    help="run the routed experts' LoRA through peft's own forward (merged stacks), not rkl.model."
+                         "expert_lora's, to compare the two")
     args = ap.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -192,13 +199,15 @@ def main() -> None:
     if breakdown:
         torch.cuda.memory._record_memory_history("state", stacks="python")  # live blocks' stacks only
     task = phase_task(args)
+    restored = restore_peft_forward(task.wrapper.base) if args.peft_expert_forward else 0
     optimizer = build_optimizer(task.trainable_groups(), task.config)
     device = task.device
     say(f"phase {args.phase} on {args.preset}" + (f" cut to {args.layers} layers" if args.layers else "")
         + f" ({sum(p.numel() for p in task.wrapper.base.parameters()) / 1e9:.2f}B base parameters, "
         f"{len(task.unfrozen) and len({n.split('.')[2] for n in task.unfrozen})} layers unfrozen) on "
         f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}; batch {args.batch}, prefix {args.prefix}, "
-        f"W {args.width}, K {args.k}")
+        f"W {args.width}, K {args.k}; routed experts' LoRA: "
+        + (f"peft's forward ({restored} layers)" if args.peft_expert_forward else "rkl.model.expert_lora"))
 
     times, peaks, missing, tokens = {False: [], True: []}, {False: 0.0, True: 0.0}, {False: 0, True: 0}, 0.0
     settings = (False, True) if args.settings == "both" else (False,)

@@ -238,6 +238,7 @@ def test_expert_lora_saves_no_merged_stack_and_computes_what_peft_computes():
     unadapted base while B is zero, and lora_experts=false adapts no routed expert."""
     from rkl.model.adapters import apply_lora
     from rkl.model.base import load_base
+    from rkl.model.expert_lora import restore_peft_forward
 
     ids = torch.arange(3, 27).reshape(2, 12)
 
@@ -270,8 +271,7 @@ def test_expert_lora_saves_no_merged_stack_and_computes_what_peft_computes():
             torch.nn.init.normal_(p, std=0.05)
     logits, grads, copies = step(base)
     assert copies == 0
-    for wrapper in expert_wrappers:
-        del wrapper.forward  # back to peft's own ParamWrapper.forward (the parametrized merged stack)
+    assert restore_peft_forward(base) == len(expert_wrappers)  # peft's ParamWrapper.forward: merged stacks
     peft_logits, peft_grads, peft_copies = step(base)
     assert peft_copies > 0  # the probe sees peft's merged stacks
     assert (logits - unadapted).abs().max() > 1e-3  # the adapters act

@@ -30,6 +30,15 @@ def install(experts_wrapper: ParamWrapper) -> None:
     experts_wrapper.forward = types.MethodType(lora_experts_forward, experts_wrapper)
 
 
+def restore_peft_forward(model: torch.nn.Module) -> int:
+    """Put peft's own (merged-stack) forward back on every installed expert wrapper, for side-by-side comparisons;
+    return how many."""
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)]
+    for wrapper in wrappers:
+        del wrapper.forward
+    return len(wrappers)
+
+
 def lora_factors(wrapper: ParamWrapper) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A^T, B^T, s) with A^T [experts, in, rank] and B^T [experts, rank, out], delta W_e = s B_e A_e: peft's own
     layout (`ParamWrapper.get_delta_factors` for a stack stored [experts, out, in]), kept in the adapter's float32.
