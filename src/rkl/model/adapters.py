@@ -164,18 +164,23 @@ class _SquaredDistance(torch.autograd.Function):
 
 def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]) -> torch.Tensor:
     """sum ||theta - theta_0||^2 over the unfrozen parameters (EWC-lite with a unit Fisher). With FSDP, parameter and
-    reference are sharded alike: each process sums its own shard, and the terms are summed over the processes
-    (a Partial DTensor made whole), so the gradient reaches every shard."""
-    total = None
+    reference are sharded alike: each process sums its own shards, and that sum is summed over the processes (a
+    Partial DTensor made whole: one all-reduce per mesh and placement, not one per tensor), so the gradient reaches
+    every shard."""
+    total, sharded = None, {}
     for name, p in params.items():
         r = reference[name]
         if isinstance(p, DTensor):
             local = _SquaredDistance.apply(p.to_local(), r.to_local())
-            # summed over the mesh dimensions that shard p, equal on those that replicate it
-            placements = [Partial() if isinstance(x, Shard) else Replicate() for x in p.placements]
-            term = DTensor.from_local(local, p.device_mesh, placements).full_tensor()
+            key = (p.device_mesh, tuple(p.placements))
+            sharded[key] = local if key not in sharded else sharded[key] + local
         else:
             term = _SquaredDistance.apply(p, r)
+            total = term if total is None else total + term
+    for (mesh, placements), local in sharded.items():
+        # summed over the mesh dimensions that shard p, equal on those that replicate it
+        partial = [Partial() if isinstance(x, Shard) else Replicate() for x in placements]
+        term = DTensor.from_local(local, mesh, partial).full_tensor()
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 
