@@ -3,7 +3,7 @@
 # LoRA on the routed experts at the 48B-A3B widths, rkl.model.expert_lora (side products) beside peft's own forward
 # (a merged stack per forward): one MoE layer side by side (scripts/check_expert_lora.py: differences, memory, time);
 # phase C cut to 8 decoder layers, which ran out of memory with peft's forward (docs/benchmarks.md); phase B cut to 4
-# layers with each forward in its own process; and phase B on the whole 48B architecture where time is left. The
+# layers with each forward in its own process; and phase B on the whole 48B architecture. The
 # parts run one after another, each with a time limit, the script with a deadline (fla compiles on first use).
 set -uo pipefail
 O=${OUT:-/tmp/rkl_expert_lora}; S=/tmp/rkl_parts; mkdir -p "$O" "$S"
@@ -18,11 +18,17 @@ part() { local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SE
   timeout "$limit" "$@" > "$S/$name.txt" 2>&1; local rc=$?
   echo "== $name: exit $rc after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; return $rc; }
 BIG=(python3 scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --prefix 512 --width 64 --settings off)
-part one_moe_layer 90 python3 scripts/check_expert_lora.py --preset kimi_linear_48b_a3b --tokens 1024
-part 48b_8_layers_phase_c_batch_2 ${C_LIMIT:-330} "${BIG[@]}" --layers 8 --phase c --batch 2 --repeats 2 --memory-breakdown
-part 48b_4_layers_phase_b_rkl 60 "${BIG[@]}" --layers 4 --phase b --batch 2 --repeats 2
-part 48b_4_layers_phase_b_peft 60 "${BIG[@]}" --layers 4 --phase b --batch 2 --repeats 2 --peft-expert-forward
-part 48b_phase_b_batch_2 ${FULL_LIMIT:-200} "${BIG[@]}" --phase b --batch 2 --repeats 2
+# PARTS picks parts by name, in this order; phase C's first step compiles fla's float32 kernels too (minutes)
+PARTS=" ${PARTS:-one_moe_layer phase_b_4_layers phase_c_8_layers phase_b_48b} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
+want one_moe_layer && part one_moe_layer 90 python3 scripts/check_expert_lora.py --preset kimi_linear_48b_a3b --tokens 1024
+if want phase_b_4_layers; then
+  part 48b_4_layers_phase_b_rkl 60 "${BIG[@]}" --layers 4 --phase b --batch 2 --repeats 3
+  part 48b_4_layers_phase_b_peft 60 "${BIG[@]}" --layers 4 --phase b --batch 2 --repeats 3 --peft-expert-forward
+fi
+want phase_c_8_layers && part 48b_8_layers_phase_c_batch_2 ${C_LIMIT:-400} "${BIG[@]}" --layers 8 --phase c --batch 2 \
+  --repeats 2 ${MEMORY_BREAKDOWN:+--memory-breakdown}
+want phase_b_48b && part 48b_phase_b_batch_2 ${FULL_LIMIT:-200} "${BIG[@]}" --phase b --batch 2 --repeats 2
 tar cz -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$O/triton.tgz."
 echo "== Triton cache saved: $(du -sh "$TRITON_CACHE_DIR" | cut -f1), $(ls "$O"/triton.tgz.* | wc -l) parts" >> "$S/summary.txt"
 for f in "$S"/*.txt; do echo "=== $f"; cat "$f"; done > "$O/log.txt"

@@ -5,7 +5,7 @@ W + s B A for the whole stack and the grouped matmul saves that new tensor for b
 parameter per pass. At the 48B widths that is 6.75 GiB per MoE layer per inner step (docs/benchmarks.md), which
 runs phases B and C out of memory. This forward keeps peft's wrappers and their parameters (so the adapter state
 dict is peft's), but computes each projection as x W^T + s (x A^T) B^T per expert group: the base matmul saves only
-its input and the frozen weight, the side product saves its float32 input and a rank-wide intermediate.
+its input and the frozen weight, the side product the same input and a rank-wide intermediate.
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ def lora_factors(wrapper: ParamWrapper) -> tuple[torch.Tensor, torch.Tensor, flo
 
 def adapted_projection(x: torch.Tensor, weight: torch.Tensor, wrapper: ParamWrapper,
                        offsets: torch.Tensor) -> torch.Tensor:
-    """x W_e^T + s (x A_e^T) B_e^T for rows grouped by expert, in W's dtype (the side product in float32, as peft's
-    Linear LoRA computes it)."""
+    """x W_e^T + s (x A_e^T) B_e^T for rows grouped by expert, in W's dtype, as peft's own expert path computes
+    (it folds the factors, cast to W's dtype, into W). The float32 factors get float32 gradients through the cast.
+    Not in float32 in a bf16 base: CUDA's grouped matmul runs float32 as one matmul per expert, which made one MoE
+    layer at the 48B widths 3.8x slower than peft's (docs/benchmarks.md)."""
     a_t, b_t, scaling = lora_factors(wrapper)
     base = _grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    low_rank = _grouped_mm(_grouped_mm(x.to(a_t.dtype), a_t, offs=offsets), b_t, offs=offsets)
-    return (base + scaling * low_rank).to(base.dtype)
+    low_rank = _grouped_mm(_grouped_mm(x, a_t.to(weight.dtype), offs=offsets), b_t.to(weight.dtype), offs=offsets)
+    return base + scaling * low_rank
 
 
 def lora_experts_forward(self: ParamWrapper, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
