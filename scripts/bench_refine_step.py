@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import statistics
 import sys
 import time
@@ -73,14 +74,20 @@ def build_base(preset: str, layers: int, seed: int, dtype: torch.dtype | None = 
     return base.eval()
 
 
+def add_set_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="a RecursiveConfig field over the phase's stage file, e.g. gradient_checkpointing=true")
+
+
 def phase_task(args, build: Callable[..., KimiLinearForCausalLM] = build_base,
                **overrides) -> refine_phases.RefineTask:
-    """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull; `overrides`
-    over it), at the benchmark's shapes, on a base from `build`. Phase C's pretrained copy (the L2 reference) is built
-    like the CLI builds it, and dropped."""
+    """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull; --set and
+    `overrides` over it), at the benchmark's shapes, on a base from `build`. Phase C's pretrained copy (the L2
+    reference) is built like the CLI builds it, and dropped."""
+    fields = {k: json.loads(v) for k, v in (item.split("=", 1) for item in getattr(args, "set", []))}
     config = RecursiveConfig.from_file(stage_config_path(f"phase_{args.phase}")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=args.batch, seq_len=args.prefix + args.width,
-        steps=1000, warmup_steps=0, **overrides)
+        steps=1000, warmup_steps=0, **{**fields, **overrides})
     base = build(args.preset, args.layers, seed=0)
     pretrained = build(args.preset, args.layers, seed=0) if args.phase == "c" else None
     wrapper = ChunkRefineWrapper(base, config)
@@ -187,6 +194,7 @@ def main() -> None:
                     help="on a GPU: live allocations by their line after a forward and where a step runs out of memory")
     ap.add_argument("--settings", default="both", choices=("both", "off"),
                     help="off: only how rkl trains (cache off), e.g. where a warm-up step compiles for minutes")
+    add_set_option(ap)
     ap.add_argument("--peft-expert-forward", action="store_true",
                     help="run the routed experts' LoRA through peft's own forward (merged stacks), not rkl.model."
                          "expert_lora's, to compare the two")
@@ -206,7 +214,7 @@ def main() -> None:
         + f" ({sum(p.numel() for p in task.wrapper.base.parameters()) / 1e9:.2f}B base parameters, "
         f"{len(task.unfrozen) and len({n.split('.')[2] for n in task.unfrozen})} layers unfrozen) on "
         f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}; batch {args.batch}, prefix {args.prefix}, "
-        f"W {args.width}, K {args.k}; routed experts' LoRA: "
+        f"W {args.width}, K {args.k}{''.join(f'; {item}' for item in args.set)}; routed experts' LoRA: "
         + (f"peft's forward ({restored} layers)" if args.peft_expert_forward else "rkl.model.expert_lora"))
 
     times, peaks, missing, tokens = {False: [], True: []}, {False: 0.0, True: 0.0}, {False: 0, True: 0}, 0.0

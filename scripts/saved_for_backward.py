@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import sys
 import time
 import traceback
@@ -47,12 +46,10 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                    help="a RecursiveConfig field over the phase's stage file, e.g. gradient_checkpointing=true")
+    bench_refine_step.add_set_option(ap)
     args = ap.parse_args()
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     build = functools.partial(bench_refine_step.build_base, dtype=torch.bfloat16, experts=args.experts)
-    task = bench_refine_step.phase_task(args, build, **overrides)
+    task = bench_refine_step.phase_task(args, build)
     weights = {t.untyped_storage().data_ptr() for t in [*task.wrapper.parameters(), *task.reference.values()]}
     seen, by_site, shapes = set(), collections.Counter(), collections.defaultdict(collections.Counter)
 
