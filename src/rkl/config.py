@@ -104,7 +104,7 @@ class RecursiveConfig:
     lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0, read_by=REFINE_PHASES)
     lora_alpha: int = _f(16, "LoRA alpha.", lo=1, read_by=REFINE_PHASES)
     lora_layers: str = _f("top_third", "Which layers get LoRA: 'top_third' or 'all'.", choices=("top_third", "all"), read_by=REFINE_PHASES)
-    lora_experts: bool = _f(True, "LoRA also on the fused routed experts (peft target_parameters). peft builds each adapted expert stack merged in every forward and backward keeps it: K copies per adapted MoE layer per step (122 GiB at 48B in phase B). false: attention, MLPs and the shared expert only.", read_by=REFINE_PHASES)
+    lora_experts: bool = _f(True, "LoRA also on the fused routed experts (peft target_parameters, computed by `rkl.model.expert_lora` as x W + s (x A) B per expert group, no merged stack). false: attention, MLPs and the shared expert only.", read_by=REFINE_PHASES)
     unfreeze_every: int = _f(0, "Unfreeze every n-th decoder layer (phase C: 4); 0 = base stays frozen.", lo=0, read_by=REFINE_PHASES)
     l2_to_pretrained: float = _f(0.0, "Weight of the L2 pull of unfrozen weights toward their pretrained values.", lo=0.0, read_by=REFINE_PHASES)
     drift_new_tokens: int = _f(24, "Tokens each of the 8 n-gram drift prompts generates at every validation (phases with unfrozen layers).", lo=1, read_by=REFINE_PHASES)

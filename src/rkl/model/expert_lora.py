@@ -6,6 +6,10 @@ parameter per pass. At the 48B widths that is 6.75 GiB per MoE layer per inner s
 runs phases B and C out of memory. This forward keeps peft's wrappers and their parameters (so the adapter state
 dict is peft's), but computes each projection as x W^T + s (x A^T) B^T per expert group: the base matmul saves only
 its input and the frozen weight, the side product the same input and a rank-wide intermediate.
+
+Adapted layers always run this grouped-matmul form, whatever `config._experts_implementation` says (unadapted
+layers follow it). The forward is bound to the wrapper instance: deepcopy and FSDP2 keep it, pickling a whole model
+does not (rkl saves state dicts, never pickled models).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def install(experts_wrapper: ParamWrapper) -> None:
     experts = inner.base_layer
     assert (experts_wrapper.parameter_name, getattr(inner, "parameter_name", None)) == ("down_proj", "gate_up_proj")
     assert experts.has_gate and experts.is_concatenated and not (
-        experts.is_transposed or experts.has_bias or experts.has_post_expert_norm), "unexpected expert layout"
+        experts.is_transposed or experts.has_bias or experts.has_post_expert_norm
+        or experts._is_expert_parallel), "unexpected expert layout"
     experts_wrapper.forward = types.MethodType(lora_experts_forward, experts_wrapper)
 
 
@@ -42,7 +47,7 @@ def restore_peft_forward(model: torch.nn.Module) -> int:
 def lora_factors(wrapper: ParamWrapper) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A^T, B^T, s) with A^T [experts, in, rank] and B^T [experts, rank, out], delta W_e = s B_e A_e: peft's own
     layout (`ParamWrapper.get_delta_factors` for a stack stored [experts, out, in]), kept in the adapter's float32.
-    Contiguous, as the grouped matmul wants (B's permuted view has no unit stride in its last two dimensions)."""
+    Contiguous: B's permuted view has no unit stride in its last two dimensions, which the grouped matmul refuses."""
     a, b, n = wrapper.lora_A[ADAPTER].weight, wrapper.lora_B[ADAPTER].weight, wrapper.num_experts
     a_t = a.reshape(n, -1, a.shape[-1]).transpose(-2, -1).contiguous()
     b_t = b.reshape(b.shape[0], -1, n).permute(2, 1, 0).contiguous()
@@ -56,8 +61,15 @@ def adapted_projection(x: torch.Tensor, weight: torch.Tensor, wrapper: ParamWrap
     Not in float32 in a bf16 base: CUDA's grouped matmul runs float32 as one matmul per expert, which made one MoE
     layer at the 48B widths 3.8x slower than peft's (docs/benchmarks.md)."""
     a_t, b_t, scaling = lora_factors(wrapper)
+    a_t, b_t = a_t.to(weight.dtype), b_t.to(weight.dtype)
+    # the grouped matmul wants 16-byte strides: pad the rank with zeros (which add nothing) to a multiple of that,
+    # so any lora_rank runs (rank 4 in bf16 did not)
+    pad = -a_t.shape[-1] % (16 // weight.element_size())
+    if pad:
+        a_t = torch.cat([a_t, a_t.new_zeros(*a_t.shape[:-1], pad)], dim=-1)
+        b_t = torch.cat([b_t, b_t.new_zeros(b_t.shape[0], pad, b_t.shape[-1])], dim=1)
     base = _grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    low_rank = _grouped_mm(_grouped_mm(x, a_t.to(weight.dtype), offs=offsets), b_t.to(weight.dtype), offs=offsets)
+    low_rank = _grouped_mm(_grouped_mm(x, a_t, offs=offsets), b_t, offs=offsets)
     return base + scaling * low_rank
 
 
