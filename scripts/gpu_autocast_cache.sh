@@ -8,11 +8,7 @@
 set -uo pipefail
 S=${OUT:-/tmp/rkl_cache}; mkdir -p "$S"
 DEADLINE=${DEADLINE:-570}
-part() { local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SECONDS))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -le 5 ]; then echo "== $name: skipped, past the deadline" | tee -a "$S/summary.txt"; return 1; fi
-  timeout "$limit" "$@" > "$S/$name.txt" 2>&1; local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; return $rc; }
+. scripts/gpu_parts.sh
 SMALL=(python3 scripts/bench_refine_step.py --preset small --batch 8 --prefix 256 --width 32 --repeats 5)
 BIG=(python3 scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --layers 8 --phase c --prefix 512 --width 64
      --repeats 3 --memory-breakdown)

@@ -7,16 +7,9 @@
 # parts run one after another, each with a time limit, the script with a deadline (fla compiles on first use).
 set -uo pipefail
 O=${OUT:-/tmp/rkl_expert_lora}; S=/tmp/rkl_parts; rm -rf "$S"; mkdir -p "$O" "$S"
-# Triton's compiled kernels travel between fresh machines: restored from .triton_carry/ (carried), saved to $OUT
-export TRITON_CACHE_DIR=/tmp/triton_cache; mkdir -p "$TRITON_CACHE_DIR"
-ls .triton_carry/triton.tgz.* >/dev/null 2>&1 && cat .triton_carry/triton.tgz.* | tar xz -C "$TRITON_CACHE_DIR" \
-  && echo "== Triton cache restored: $(du -sh "$TRITON_CACHE_DIR" | cut -f1)" | tee -a "$S/summary.txt"
+. scripts/gpu_parts.sh
+restore_triton_cache  # Triton's compiled kernels travel between fresh machines (.triton_carry/ carried, $OUT back)
 DEADLINE=${DEADLINE:-560}
-part() { local name=$1 limit=$2; shift 2; local s=$SECONDS left=$((DEADLINE - SECONDS))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -le 5 ]; then echo "== $name: skipped, past the deadline" | tee -a "$S/summary.txt"; return 1; fi
-  timeout "$limit" "$@" > "$S/$name.txt" 2>&1; local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; return $rc; }
 BIG=(python3 scripts/bench_refine_step.py --preset kimi_linear_48b_a3b --prefix 512 --width 64 --settings off)
 # PARTS picks parts by name, in this order; phase C's first step compiles fla's float32 kernels too (minutes)
 PARTS=" ${PARTS:-one_moe_layer phase_b_4_layers phase_c_8_layers phase_b_48b phase_a_48b} "
@@ -37,8 +30,7 @@ for b in ${C_BATCHES:-4 8}; do for gc in false true; do want "phase_c_8_layers_b
   part "48b_8_layers_phase_c_batch_${b}_checkpointing_$gc" ${BATCH_LIMIT:-75} "${BIG[@]}" --layers 8 --phase c \
     --batch "$b" --repeats 1 --set gradient_checkpointing=$gc; done; done
 want phase_a_48b && part 48b_phase_a_batch_2 ${FULL_LIMIT:-200} "${BIG[@]}" --phase a --batch 2 --repeats 2
-tar cz -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$O/triton.tgz."
-echo "== Triton cache saved: $(du -sh "$TRITON_CACHE_DIR" | cut -f1), $(ls "$O"/triton.tgz.* | wc -l) parts" >> "$S/summary.txt"
+save_triton_cache "$O"
 for f in "$S"/*.txt; do echo "=== $f"; cat "$f"; done > "$O/log.txt"
 echo; cat "$S/summary.txt"
 for f in "$S"/one_moe_layer.txt "$S"/48b_*.txt; do
