@@ -104,11 +104,20 @@ def save_checkpoint(out_dir: Path, save_weights: Callable[[Path], None], config:
         (tmp / COMPLETE).write_text(str(meta.get("step", "")) + "\n")  # written last: the folder is whole
 
 
+def has_training_state(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / TRAINING_STATE).is_file()
+
+
 def load_training_state(ckpt_dir: Path) -> dict | None:
+    """The saved optimizer, scheduler, RNG state and step, or None. Memory-mapped: the tensors stay in the file (the
+    page cache, which the processes of a host share) until read. Each process of a sharded run keeps only its own
+    shards of the AdamW moments, so no process holds the whole state: 88.7 GB of moments in phase C at 48B, which
+    every process would otherwise read whole (4 x 88.7 GB of host memory on 4 GPUs). Copy-on-write: nothing writes
+    the file."""
     path = Path(ckpt_dir) / TRAINING_STATE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 class RunLock:

@@ -20,7 +20,7 @@ from rkl.errors import UserError
 from rkl.model.base import is_checkpoint_dir, load_base
 from rkl.paths import PHASE_INIT, checkpoint_dir
 from rkl.runmeta import run_metadata
-from rkl.train.checkpoint import load_training_state
+from rkl.train.checkpoint import has_training_state
 from rkl.train.lm import LMTask
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.sharding import refuse_fsdp_for_full_fine_tunes
@@ -64,7 +64,7 @@ def run_phase(run: PhaseRun) -> TrainResult:
 def resume_source(run: PhaseRun) -> str:
     """Where the weights come from: the run's own checkpoint when resuming, else the phase's init."""
     if run.resume:
-        if load_training_state(run.out) is None:
+        if not has_training_state(run.out):  # not loaded here: at 48B the state is ~133 GB
             raise UserError(f"--resume: no resumable checkpoint in {run.out} (run without --resume to start)")
         saved = RecursiveConfig.from_file(run.out / "recursive_config.json").to_dict()
         differs = sorted(k for k, v in run.config.to_dict().items() if k != "steps" and saved[k] != v)
