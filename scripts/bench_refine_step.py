@@ -74,7 +74,15 @@ def build_base(preset: str, layers: int, seed: int, dtype: torch.dtype | None = 
     return base.eval()
 
 
-def add_set_option(ap: argparse.ArgumentParser) -> None:
+def add_phase_options(ap: argparse.ArgumentParser, batch: int, prefix: int) -> None:
+    """The options phase_task reads: the preset and its cut, the phase, the step's shapes, and --set."""
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    ap.add_argument("--phase", default="c", choices=("a", "b", "c"))
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--prefix", type=int, default=prefix)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="a RecursiveConfig field over the phase's stage file, e.g. gradient_checkpointing=true")
 
@@ -84,7 +92,7 @@ def phase_task(args, build: Callable[..., KimiLinearForCausalLM] = build_base,
     """A RefineTask of the phase as its stage file configures it (cells, LoRA, unfrozen layers, L2 pull; --set and
     `overrides` over it), at the benchmark's shapes, on a base from `build`. Phase C's pretrained copy (the L2
     reference) is built like the CLI builds it, and dropped."""
-    fields = {k: json.loads(v) for k, v in (item.split("=", 1) for item in getattr(args, "set", []))}
+    fields = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = RecursiveConfig.from_file(stage_config_path(f"phase_{args.phase}")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=args.batch, seq_len=args.prefix + args.width,
         steps=1000, warmup_steps=0, **{**fields, **overrides})
@@ -182,19 +190,12 @@ def tensor_bytes(task, optimizer) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
-    ap.add_argument("--phase", default="c", choices=("a", "b", "c"))
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prefix", type=int, default=256)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
+    add_phase_options(ap, batch=8, prefix=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-breakdown", action="store_true",
                     help="on a GPU: live allocations by their line after a forward and where a step runs out of memory")
     ap.add_argument("--settings", default="both", choices=("both", "off"),
                     help="off: only how rkl trains (cache off), e.g. where a warm-up step compiles for minutes")
-    add_set_option(ap)
     ap.add_argument("--peft-expert-forward", action="store_true",
                     help="run the routed experts' LoRA through peft's own forward (merged stacks), not rkl.model."
                          "expert_lora's, to compare the two")

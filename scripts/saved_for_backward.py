@@ -38,15 +38,8 @@ def site() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    bench_refine_step.add_phase_options(ap, batch=1, prefix=512)
     ap.add_argument("--experts", type=int, default=0, help="routed experts per MoE layer (0: the preset's)")
-    ap.add_argument("--phase", default="c", choices=("a", "b", "c"))
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prefix", type=int, default=512)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
-    bench_refine_step.add_set_option(ap)
     args = ap.parse_args()
     build = functools.partial(bench_refine_step.build_base, dtype=torch.bfloat16, experts=args.experts)
     task = bench_refine_step.phase_task(args, build)

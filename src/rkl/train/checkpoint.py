@@ -114,10 +114,9 @@ def load_training_state(ckpt_dir: Path) -> dict | None:
     shards of the AdamW moments, so no process holds the whole state: 88.7 GB of moments in phase C at 48B, which
     every process would otherwise read whole (4 x 88.7 GB of host memory on 4 GPUs). Copy-on-write: nothing writes
     the file."""
-    path = Path(ckpt_dir) / TRAINING_STATE
-    if not path.is_file():
+    if not has_training_state(ckpt_dir):
         return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return torch.load(Path(ckpt_dir) / TRAINING_STATE, map_location="cpu", weights_only=False, mmap=True)
 
 
 class RunLock:
