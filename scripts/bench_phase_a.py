@@ -7,12 +7,15 @@
 2. Tokens/s of that step beside a vanilla fine-tune step (forward + backward of the base, every weight trainable) at
    the same batch and sequence length, and the analytical expectation from measured parts: one prefix pass without
    gradient + the W - 1 drafting decode steps + K chunk passes with backward.
-3. The largest batch that fits, with and without gradient checkpointing (rkl's per-inner-step recomputation), with
+3. With --walk-steps G[,G2...]: the step as the training loop runs it, with the chunks of G steps drafted in one batched
+   walk (draft_walk_steps = G) beside each step drafting its own.
+4. The largest batch that fits, with and without gradient checkpointing (rkl's per-inner-step recomputation), with
    its peak memory and tokens/s.
 
     python scripts/bench_phase_a.py --preset small --batch 8 --prefix 1024 --width 64
     python scripts/bench_phase_a.py --preset kimi_linear_48b_a3b --prefix 512 --width 128 --batch 2 \
         --batches 2,4,8,16,32 --no-vanilla
+    python scripts/bench_phase_a.py --preset small --batch 8 --prefix 1024 --width 64 --no-sections --walk-steps 8
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def phase_a_task(base, args, batch: int, checkpointing: bool) -> RefineTask:
+def phase_a_task(base, args, batch: int, checkpointing: bool, walk_steps: int = 1) -> RefineTask:
     # phase A as the stage file configures it (cell, draft/splice shares, edit margin), at the benchmark's shapes
     config = RecursiveConfig.from_file(stage_config_path("phase_a")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=batch, seq_len=args.prefix + args.width,
-        gradient_checkpointing=checkpointing, steps=1000)
+        gradient_checkpointing=checkpointing, steps=1000, draft_walk_steps=walk_steps)
     wrapper = ChunkRefineWrapper(base, config)
     device = next(base.parameters()).device
     wrapper.to(device)
@@ -154,6 +157,36 @@ def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
+def walk_comparison(base, args) -> dict[int, tuple[float, float, float]]:
+    """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps, over the steps of
+    one group (8 steps for 1, whose steps all cost the same): each setting runs them twice, and the second pass,
+    which meets no new shape, is timed. Every step is held at the prefix length of step 0 (each group's first), so
+    all see the same shapes."""
+    groups = [int(g) for g in args.walk_steps.split(",")]
+    rows = {}
+    for g in [1, *groups]:
+        task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g)
+        if g == 1:
+            drawn = task.micro_batch
+            group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
+            task.micro_batch = lambda step, micro, prefix_len=None: drawn(step, micro, group_prefix)
+        n = g if g > 1 else 8
+        for timed in (False, True):
+            if timed and task.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            runs = [loop_step(task, s) for s in range(n)]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
+        secs = sum(s for s, _ in runs)
+        rows[g] = (secs / n, sum(t for _, t in runs) / secs, peak)
+        say(f"  draft_walk_steps {g}: {rows[g][0]:.3f} s/step over {n} steps")
+        task.wrapper.remove_hooks()
+        del task
+    say("\n| draft_walk_steps | s/step | tokens/s | tokens/s / draft_walk_steps 1's | peak |\n|---|---|---|---|---|")
+    for g, (s, tps, peak) in rows.items():
+        say(f"| {g} | {s:.3f} | {tps:,.0f} | {tps / rows[1][1]:.2f}x | {peak:.1f} GiB |")
+    return rows
+
+
 def largest_batch(base, args, checkpointing: bool) -> list[tuple[int, str]]:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
@@ -180,29 +213,11 @@ def largest_batch(base, args, checkpointing: bool) -> list[tuple[int, str]]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prefix", type=int, default=1024)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batches", default="", help="comma-separated batch sizes for the largest-batch search")
-    ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla step (a 48B base cannot train whole)")
-    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top device kernels of one step")
-    ap.add_argument("--loop", action="store_true", help="also time the step as the training loop runs it")
-    args = ap.parse_args()
-
+def sections(base, args) -> dict[str, float]:
+    """The timed parts of one step (median over --repeats), the decode step, and with --loop / --profile the step
+    as the training loop runs it; printed as they are measured."""
     on_gpu = torch.cuda.is_available()
-    base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
     device = next(base.parameters()).device
-    n_params = sum(p.numel() for p in base.parameters())
-    say(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
-          f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}")
-
-    # Every result is printed as soon as it is measured (flushed): on a GPU the first step also pays Triton's
-    # compilation and autotuning of fla's kernels, and a run cut short by a time limit keeps what it measured.
     task = phase_a_task(base, args, args.batch, checkpointing=False)
     t = time.perf_counter()
     timed_sections(task, 0)
@@ -232,8 +247,37 @@ def main() -> None:
             loop_step(task, 5)
         say(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
     task.wrapper.remove_hooks()
-    del task
+    return parts
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prefix", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes for the largest-batch search")
+    ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla step (a 48B base cannot train whole)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top device kernels of one step")
+    ap.add_argument("--loop", action="store_true", help="also time the step as the training loop runs it")
+    ap.add_argument("--walk-steps", default="",
+                    help="comma-separated draft_walk_steps to compare with 1, the step as the training loop runs it")
+    ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
+    args = ap.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    device = next(base.parameters()).device
+    n_params = sum(p.numel() for p in base.parameters())
+    say(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
+          f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}")
+
+    # Every result is printed as soon as it is measured (flushed): on a GPU the first step also pays Triton's
+    # compilation and autotuning of fla's kernels, and a run cut short by a time limit keeps what it measured.
+    tokens = args.batch * (args.prefix + args.width)
+    parts = sections(base, args) if not args.no_sections else None
     if not args.no_vanilla:
         for p in base.parameters():
             p.requires_grad_(True)
@@ -243,9 +287,17 @@ def main() -> None:
         for p in base.parameters():
             p.requires_grad_(False)
         say(f"vanilla fine-tune step (forward + backward, T = {args.prefix + args.width}): {t_van:.3f} s, "
-            f"{tokens / t_van:,.0f} tokens/s; phase A / vanilla tokens/s = {t_van / total:.2f}")
-        no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
-        say(f"phase A without the drafting walk: {tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
+            f"{tokens / t_van:,.0f} tokens/s")
+        if parts is not None:
+            total = sum(parts.values())
+            no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
+            say(f"phase A / vanilla tokens/s = {t_van / total:.2f}; phase A without the drafting walk: "
+                f"{tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
+    if args.walk_steps:
+        rows = walk_comparison(base, args)
+        if not args.no_vanilla:
+            for steps, (_, tps, _) in rows.items():
+                say(f"phase A at draft_walk_steps {steps} / vanilla tokens/s = {tps / (tokens / t_van):.2f}")
     if args.batches:
         for ckpt in (True, False):
             say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")

@@ -35,6 +35,8 @@ def test_defaults_validate_clean():
     ({"min_commit_threshold": 0.95}, "min_commit_threshold"),  # cross-field
     ({"draft_share": 1.5}, "draft_share"),                   # above range
     ({"lambda_halt": float("nan")}, "lambda_halt"),           # not finite
+    ({"draft_walk_steps": 4, "lora_rank": 8}, "draft_walk_steps"),      # drafts ahead of a base that trains
+    ({"draft_walk_steps": 4, "unfreeze_every": 4}, "draft_walk_steps"),
 ])
 def test_each_error_names_its_key(data, key):
     with pytest.raises(ConfigError, match=key):
@@ -118,8 +120,8 @@ def test_stage_files_resolve_to_what_the_full_files_gave():
     defaults = RecursiveConfig().to_dict()
     for stage, expected in snapshot.items():
         got = RecursiveConfig.from_file(stage_config_path(stage)).to_dict()
-        added = set(got) - set(expected)  # fields added since (drift_new_tokens, lora_experts): no stage file sets them
-        assert added <= {"drift_new_tokens", "lora_experts"}, (stage, added)
+        added = set(got) - set(expected)  # fields added since (drift_new_tokens, ...): no stage file sets them
+        assert added <= {"drift_new_tokens", "lora_experts", "draft_walk_steps"}, (stage, added)
         assert all(got[k] == defaults[k] for k in added), (stage, added)
         got = {k: got[k] for k in expected}
         assert got == expected, (stage, {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]})

@@ -317,3 +317,52 @@ def test_l2_pull_keeps_no_copy_for_backward_and_matches_autograds_form(monkeypat
     assert torch.equal(value, expected) and torch.allclose(value_chunked, expected, rtol=1e-6)
     for k in start:
         assert torch.equal(grads[k], expected_grads[k]) and torch.equal(grads_chunked[k], expected_grads[k]), k
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_draft_walk_groups_build_the_chunks_each_micro_batch_builds_alone(stages, rank, world):
+    """draft_walk_steps = 3, 2 micro-batches per step: every micro-batch of a group gets the chunk its own walk would
+    build at the group's prefix length (same modes, same sampling noise, also as one process's rows of a global
+    batch), and a group's micro-batches share the prefix length drawn for its first."""
+    from rkl.data.chunks import SAMPLE
+    from rkl.model.drafts import Noise, build_chunk
+    from rkl.train.refine_phases import RefineTask
+
+    config = RecursiveConfig(**{**REFINE, "batch_size": 2, "grad_accum": 2, "draft_walk_steps": 3, "steps": 5,
+                                "seq_len": 40})
+    wrapper, tokenizer, _ = load_model_with_config(stages / "after_surgery", config=config)
+    stream = torch.arange(3, 3000) * 7 % 200 + 3
+    task = RefineTask(wrapper, tokenizer, config, stream, stream, torch.device("cpu"), "a", {}, shard=(rank, world))
+    lengths, sampled = [], 0
+    for step in range(5):
+        for micro in range(2):
+            prefix_len, chunk = task.drafted(step, micro)
+            batch, modes, gen, mine, *_ = task.micro_batch(step, micro, prefix_len)
+            snap, prev = wrapper.prepare_prefix(batch.prefix_ids)
+            alone = build_chunk(wrapper, snap, prev, batch.chunk_ids, modes[mine], noise=[Noise(gen, modes, mine)])
+            assert torch.equal(chunk, alone), (step, micro)
+            lengths.append(prefix_len)
+            sampled += int((modes[mine] == SAMPLE).sum())
+    assert sampled > 0  # the noise of sampled positions is part of what is compared
+    first = [task.micro_batch(s, 0)[0].prefix_ids.shape[1] for s in (0, 3)]
+    assert lengths == [first[0]] * 6 + [first[1]] * 4 and first[0] != first[1]
+    assert not task.walked  # each chunk is handed out once
+
+
+def test_draft_walk_groups_resume_exactly(stages):
+    """With draft_walk_steps = 3, a run stopped at step 2 (inside its first group) and resumed ends at the weights
+    of the uninterrupted run: the resumed run rebuilds the group it resumes in, from the group's first step."""
+    config = RecursiveConfig(steps=5, eval_interval=5, save_interval=5, **{**REFINE, "draft_walk_steps": 3})
+    ends = []
+    for name, stop_at in (("walk_straight", None), ("walk_resumed", 2)):
+        out = stages / name
+        run = lambda **kw: run_phase(PhaseRun("a", config, str(stages / "after_surgery"), out,  # noqa: E731
+                                              stages / f"logs/{name}", show_progress=False, **kw))
+        if stop_at:
+            run(stop_at=stop_at)
+            run(resume=True)
+        else:
+            run()
+        ends.append(load_file(str(out / "sidecar.safetensors")))
+    for k in ends[0]:
+        torch.testing.assert_close(ends[0][k], ends[1][k], rtol=0, atol=0, msg=k)

@@ -100,6 +100,7 @@ class RecursiveConfig:
     corruption_rate_final: float = _f(0.15, "Corruption fraction at the end of training (with a schedule).", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
     corruption_schedule: str = _f("linear", "How the rate moves from corruption_rate to corruption_rate_final.", choices=SCHEDULES, read_by=REFINE_PHASES)
     corruption_mask: str = _f("random", "'random' positions or contiguous 'span's.", choices=("random", "span"), read_by=REFINE_PHASES)
+    draft_walk_steps: int = _f(1, "Steps whose training chunks are built in one batched walk of the frozen base (phase A), sharing the group's first prefix length: the walk is one decode step per chunk position, launch-bound on a GPU, so it costs about as much for many rows as for few. 1: each micro-batch walks alone. Phases B and C (LoRA, unfrozen layers) train the base their drafts come from: 1 only.", lo=1, read_by=REFINE_PHASES)
     # --- phases B and C ----------------------------------------------------------------------------------
     lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0, read_by=REFINE_PHASES)
     lora_alpha: int = _f(16, "LoRA alpha.", lo=1, read_by=REFINE_PHASES)
@@ -163,6 +164,10 @@ class RecursiveConfig:
             if self.min_commit_threshold > self.commit_threshold:
                 problems.append(f"min_commit_threshold: must be <= commit_threshold, got {self.min_commit_threshold} > "
                             f"{self.commit_threshold}; lower min_commit_threshold or raise commit_threshold")
+            if self.draft_walk_steps > 1 and (self.lora_rank > 0 or self.unfreeze_every > 0):
+                problems.append(f"draft_walk_steps: {self.draft_walk_steps} drafts steps ahead with the base as it is "
+                                "now, and lora_rank/unfreeze_every train that base (phases B and C): set "
+                                "draft_walk_steps=1 there")
             if self.layers_to_refine is not None:
                 if any(i < 0 for i in self.layers_to_refine):
                     problems.append("layers_to_refine: layer indices must be >= 0")

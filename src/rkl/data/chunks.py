@@ -33,12 +33,13 @@ def valid_until_eos(chunk_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def chunk_batch(stream: torch.Tensor, step: int, batch_size: int, chunk_width: int, min_prefix: int,
-                max_prefix: int, seed: int, eos_id: int) -> ChunkBatch:
+                max_prefix: int, seed: int, eos_id: int, prefix_len: int | None = None) -> ChunkBatch:
     """A batch of (prefix, chunk) pairs; a pure function of (seed, step).
 
     One prefix length P per batch, uniform in [min_prefix, max_prefix], so P varies across batches while
     a batch needs no padding. The prefix is the P stream tokens right before the chunk (it may cross a
-    document boundary, as in packed pre-training).
+    document boundary, as in packed pre-training). prefix_len: use this P instead of the drawn one (batches that
+    are drafted together need one P); the chunks are where they would be with the drawn P.
     """
     if not 1 <= min_prefix <= max_prefix:
         # The prediction for chunk position 0 comes from the last prefix position: P >= 1.
@@ -52,6 +53,11 @@ def chunk_batch(stream: torch.Tensor, step: int, batch_size: int, chunk_width: i
     g = step_generator(seed, step, "chunk")
     p = int(torch.randint(min_prefix, max_prefix + 1, (1,), generator=g))
     starts = torch.randint(p, n - chunk_width + 1, (batch_size,), generator=g)
+    if prefix_len is not None:
+        if not min_prefix <= prefix_len <= max_prefix:
+            raise ValueError(f"prefix_len {prefix_len} is outside [{min_prefix}, {max_prefix}]")
+        # a chunk whose start leaves fewer than prefix_len tokens before it moves right by what is missing
+        starts, p = starts.clamp(min=prefix_len), prefix_len
     chunk = windows(stream, starts, chunk_width)
     return ChunkBatch(prefix_ids=windows(stream, starts - p, p), chunk_ids=chunk,
                       chunk_valid=valid_until_eos(chunk, eos_id))

@@ -8,6 +8,7 @@ never run again: the walk continues a copy of the snapshot's cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,16 +17,36 @@ from rkl.data.chunks import GREEDY, SAMPLE
 from rkl.model.cache import restore_cache
 
 
+@dataclass
+class Noise:
+    """Where the Gumbel noise of a chunk's SAMPLE positions comes from: `generator` (CPU), drawn as for the whole
+    batch with modes `modes` [N, W] (the global batch, in data parallel), of which the chunk holds `rows`. Drawn
+    this way, a row's sample does not depend on how the batch is split across processes or grouped into walks."""
+
+    generator: torch.Generator | None
+    modes: torch.Tensor
+    rows: slice | torch.Tensor = field(default_factory=lambda: slice(None))
+
+    def count(self) -> int:
+        """How many rows of the chunk this source's noise is for."""
+        return len(range(self.modes.shape[0])[self.rows]) if isinstance(self.rows, slice) else len(self.rows)
+
+    def draw(self, j: int, vocab: int) -> torch.Tensor | None:
+        """[rows, vocab] uniforms for position j, or None where no row of the batch samples there (nothing drawn)."""
+        if not bool((self.modes[:, j] == SAMPLE).any()):
+            return None
+        return torch.rand(self.modes.shape[0], vocab, generator=self.generator)[self.rows]
+
+
 @torch.no_grad()
 def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets: torch.Tensor, modes: torch.Tensor,
-                generator: torch.Generator | None = None, shard: tuple[slice, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                generator: torch.Generator | None = None, noise: list[Noise] | None = None) -> torch.Tensor:
     """[B, W] chunk: targets where modes is TRUE, the base's greedy token where GREEDY, a sample where SAMPLE.
 
     prev_logits [B, V]: the base's logits at the last prefix position. Samples use the Gumbel-max trick with noise
     from `generator` (CPU), so a chunk is a pure function of (weights, prefix, targets at TRUE positions, seed).
-    shard = (rows, global_modes): these rows are that slice of a global batch with `global_modes` (data parallel):
-    the noise is drawn as for the global batch, so a row's sample does not depend on how the batch is split.
+    noise: instead of `generator`, the sources of the rows in order (see Noise): a slice of a global batch (data
+    parallel), or several batches walked together (RefineTask's draft_walk_steps).
     """
     base = wrapper.base
     b, w = targets.shape
@@ -33,18 +54,22 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
     cache, p = restore_cache(snapshot), snapshot.seq_length
     if p is None:
         raise ValueError("build_chunk needs a snapshot that records its prefix length")
+    sources = noise if noise is not None else [Noise(generator, modes.cpu())]
+    if sum(src.count() for src in sources) != b:
+        raise ValueError(f"the noise sources cover {sum(src.count() for src in sources)} rows, the chunk has {b}")
+    sampling = modes == SAMPLE
     logits = prev_logits.float()
     toks = []
     for j in range(w):
         pick = logits.argmax(-1).to(dev)
-        every = modes if shard is None else shard[1]
-        if bool((every[:, j] == SAMPLE).any()):
-            u = torch.rand(every.shape[0], logits.shape[1], generator=generator)
-            if shard is not None:
-                u = u[shard[0]]
+        drawn = [src.draw(j, logits.shape[1]) for src in sources]  # the decision is on the host: no device sync
+        if any(u is not None for u in drawn):
+            # a source that draws nothing here has no SAMPLE row at j: its rows keep `pick`, whatever u says
+            u = torch.cat([torch.ones(src.count(), logits.shape[1]) if d is None else d
+                           for src, d in zip(sources, drawn)])
             u = u.clamp_(1e-20, 1.0).to(logits.device)
-            pick = torch.where(modes[:, j] == SAMPLE, (logits - torch.log(-torch.log(u))).argmax(-1).to(dev), pick)
-        tok = torch.where((modes[:, j] == GREEDY) | (modes[:, j] == SAMPLE), pick, targets[:, j])
+            pick = torch.where(sampling[:, j], (logits - torch.log(-torch.log(u))).argmax(-1).to(dev), pick)
+        tok = torch.where((modes[:, j] == GREEDY) | sampling[:, j], pick, targets[:, j])
         toks.append(tok)
         if j + 1 < w:
             pos = torch.full((b, 1), p + j, dtype=torch.long, device=dev)

@@ -22,7 +22,7 @@ from rkl.data.packing import step_generator as packing_generator
 from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
-from rkl.model.drafts import build_chunk
+from rkl.model.drafts import Noise, build_chunk
 from rkl.model.adapters import apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
 from rkl.train.drift import DriftProbe
@@ -57,6 +57,7 @@ class RefineTask:
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
         self.whole_unfrozen: dict[str, torch.Tensor] | None = None  # set by gather_for_save where FSDP shards them
+        self.walked: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (step, micro) -> drafted() of its group
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
             # was resumed from), so a resumed phase C continues exactly and drift includes phase B's LoRA.
@@ -85,18 +86,12 @@ class RefineTask:
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        index = step * c.grad_accum + micro
-        lo, hi = prefix_range(c)
-        total = c.batch_size * self.world
-        batch = chunk_batch(self.train_stream, index, total, c.chunk_width, lo, hi, c.seed,
-                            self.tokenizer.eos_token_id)
-        gen = step_generator(c.seed, step, micro)
-        rate = scheduled_value(c.corruption_rate, c.corruption_rate_final, c.corruption_schedule, step, c.steps)
-        share = scheduled_value(c.draft_share, c.draft_share_final, c.draft_schedule, step, c.steps)
-        modes, _ = chunk_modes(total, c.chunk_width, share, c.splice_share, rate, c.corruption_mask, gen)
-        mine = slice(self.rank * c.batch_size, (self.rank + 1) * c.batch_size)
-        batch = ChunkBatch(batch.prefix_ids[mine], batch.chunk_ids[mine], batch.chunk_valid[mine])
-        terms, stats, _ = self.losses_on(batch, modes[mine], gen, shard=(mine, modes))
+        if c.draft_walk_steps > 1:
+            prefix_len, chunk_in = self.drafted(step, micro)
+        else:
+            prefix_len = chunk_in = None
+        batch, modes, gen, mine, rate, share = self.micro_batch(step, micro, prefix_len)
+        terms, stats, _ = self.losses_on(batch, modes[mine], gen, noise=[Noise(gen, modes, mine)], chunk_in=chunk_in)
         loss = total_loss(terms, c)
         if self.unfrozen and c.l2_to_pretrained > 0:
             l2 = l2_to_pretrained(self.unfrozen, self.reference)
@@ -106,15 +101,59 @@ class RefineTask:
         return loss, {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}, **stats,
                       "corruption_rate": rate, "draft_share": share, "tokens": float(tokens)}
 
+    def micro_batch(self, step: int, micro: int, prefix_len: int | None = None):
+        """(this process's rows of the micro-batch, the global batch's modes, the generator its modes and sampling
+        noise come from, this process's rows, corruption rate, draft share): a pure function of (seed, step, micro,
+        rank). prefix_len: the prefix length of the walk group this micro-batch was drafted in (draft_walk_steps)."""
+        c = self.config
+        index = step * c.grad_accum + micro
+        lo, hi = prefix_range(c)
+        total = c.batch_size * self.world
+        batch = chunk_batch(self.train_stream, index, total, c.chunk_width, lo, hi, c.seed,
+                            self.tokenizer.eos_token_id, prefix_len=prefix_len)
+        gen = step_generator(c.seed, step, micro)
+        rate = scheduled_value(c.corruption_rate, c.corruption_rate_final, c.corruption_schedule, step, c.steps)
+        share = scheduled_value(c.draft_share, c.draft_share_final, c.draft_schedule, step, c.steps)
+        modes, _ = chunk_modes(total, c.chunk_width, share, c.splice_share, rate, c.corruption_mask, gen)
+        mine = slice(self.rank * c.batch_size, (self.rank + 1) * c.batch_size)
+        batch = ChunkBatch(batch.prefix_ids[mine], batch.chunk_ids[mine], batch.chunk_valid[mine])
+        return batch, modes, gen, mine, rate, share
+
+    def drafted(self, step: int, micro: int) -> tuple[int, torch.Tensor]:
+        """(prefix length, this micro-batch's training chunk), built in one walk with every micro-batch of the
+        draft_walk_steps steps of its group (the base is frozen in phase A, so when a chunk is built does not change
+        it). The group's micro-batches share its first one's prefix length (a walk needs one); each keeps its own
+        chunk positions, modes and sampling noise. A resumed run rebuilds the group it resumes in, the same way."""
+        key = (step, micro)
+        if key not in self.walked:
+            c = self.config
+            first = step - step % c.draft_walk_steps
+            members = [(s, m) for s in range(first, min(first + c.draft_walk_steps, c.steps))
+                       for m in range(c.grad_accum)]
+            prefix_len = self.micro_batch(first, 0)[0].prefix_ids.shape[1]
+            parts = [self.micro_batch(s, m, prefix_len) for s, m in members]
+            prefix = torch.cat([b.prefix_ids for b, *_ in parts]).to(self.device)
+            targets = torch.cat([b.chunk_ids for b, *_ in parts]).to(self.device)
+            modes = torch.cat([g_modes[mine] for _, g_modes, _, mine, *_ in parts]).to(self.device)
+            noise = [Noise(gen, g_modes, mine) for _, g_modes, gen, mine, *_ in parts]
+            with torch.no_grad():
+                snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
+                chunks = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, noise=noise)
+            del snapshot
+            self.walked = {k: (prefix_len, chunk) for k, chunk in zip(members, chunks.split(c.batch_size))}
+        return self.walked.pop(key)
+
     def losses_on(self, batch: ChunkBatch, modes: torch.Tensor, gen: torch.Generator,
-                  max_inner_steps: int | None = None, shard: tuple[slice, torch.Tensor] | None = None):
+                  max_inner_steps: int | None = None, noise: list[Noise] | None = None,
+                  chunk_in: torch.Tensor | None = None):
         """Build the chunk (`modes`, from the prefix's snapshot), run K inner steps over it, compute the losses.
 
         Every position is editable and tokens change under the exact edit rule of generation. The targets enter the
         chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses: the chunk's
         valid positions (up to its true EOS) decide only where losses are taken, never what the sidecar reads or
-        may edit. shard: (this process's rows, the global batch's modes) when the batch is a slice of a global one,
-        so the sampling noise is the global batch's. Returns (terms, stats, RefineResult)."""
+        may edit. noise: where the sampling noise comes from (rkl.model.drafts.Noise: the global batch's, when the
+        batch is a slice of one); chunk_in: the chunk, built already (draft_walk_steps). Returns (terms, stats,
+        RefineResult)."""
         prefix = batch.prefix_ids.to(self.device)
         targets = batch.chunk_ids.to(self.device)
         valid = batch.chunk_valid.to(self.device)
@@ -122,7 +161,9 @@ class RefineTask:
         loss_mask = valid & (modes != TRUE)
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
-            chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, shard=shard)
+            if chunk_in is None:
+                chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, noise=noise)
+            chunk_in = chunk_in.to(self.device)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
         terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
