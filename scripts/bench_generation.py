@@ -51,16 +51,18 @@ def main() -> None:
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--repeat-check", action="store_true")
     ap.add_argument("--conv", choices=("fla", "reference"), default="fla", help="KDA short convolution")
+    ap.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN's attention (rkl does not)")
     ap.add_argument("--prompts", type=int, default=1319, help="set size of the eval-cost estimate (GSM8K test)")
     args = ap.parse_args()
     set_deterministic(args.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting at start
 
     from rkl.model.base import build_preset
-    from rkl.model.kernels import set_short_convolution
+    from rkl.model.kernels import set_cudnn_attention, set_short_convolution
 
     on_gpu = torch.cuda.is_available()
     base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
     conv = set_short_convolution(args.conv)
+    cudnn = set_cudnn_attention(args.cudnn_attention)
     device = next(base.parameters()).device
     wrapper = ChunkRefineWrapper(base, RecursiveConfig(chunk_width=args.width, max_inner_steps=args.k,
                                                        refine_cell_type="chunk_attention")).to(device).eval()
@@ -69,7 +71,8 @@ def main() -> None:
     base.generation_config.pad_token_id = 0
     mode = "deterministic" if args.deterministic else "default"
     print(f"{args.preset} on {torch.cuda.get_device_name() if on_gpu else 'cpu'}, {mode} mode; prompt {args.prompt}, "
-          f"{args.new} new tokens, W {args.width}, K {args.k}, short convolution: {conv}")
+          f"{args.new} new tokens, W {args.width}, K {args.k}, short convolution: {conv}, "
+          f"cuDNN attention {'allowed' if cudnn else 'off'}")
 
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -30,6 +30,7 @@ import torch
 from rkl import ChunkRefineWrapper, RecursiveConfig
 from rkl.data.chunks import ChunkBatch, chunk_batch, chunk_modes
 from rkl.model.base import build_preset
+from rkl.model.kernels import set_cudnn_attention
 from rkl.model.drafts import build_chunk
 from rkl.paths import stage_config_path
 from rkl.train.losses import refinement_losses, total_loss
@@ -265,14 +266,17 @@ def main() -> None:
     ap.add_argument("--walk-steps", default="",
                     help="comma-separated draft_walk_steps to compare with 1, the step as the training loop runs it")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
+    ap.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN's attention (rkl does not)")
     args = ap.parse_args()
 
     on_gpu = torch.cuda.is_available()
     base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    set_cudnn_attention(args.cudnn_attention)
     device = next(base.parameters()).device
     n_params = sum(p.numel() for p in base.parameters())
     say(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
-          f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}")
+          f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}; cuDNN attention "
+        f"{'allowed' if args.cudnn_attention else 'off'}")
 
     # Every result is printed as soon as it is measured (flushed): on a GPU the first step also pays Triton's
     # compilation and autotuning of fla's kernels, and a run cut short by a time limit keeps what it measured.

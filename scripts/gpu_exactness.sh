@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # On the device machine: . .whl/preamble.sh; bash scripts/gpu_exactness.sh   (files land in $OUT)
 # What it checks: after_surgery == baseline through the CLI with fla's short convolution, on the small preset
-# and then on the 48B architecture.
+# and then on the 48B architecture (PRESETS=small: the small one only).
 set -uo pipefail
 S=$OUT; W=/tmp/w; mkdir -p $W
 CLI=(--set data=stdlib+arithmetic --set max_chars_per_source=20000)
 part() { local name=$1 limit=$2; shift 2; local s=$SECONDS
   timeout "$limit" "$@" > "$S/$name.txt" 2>&1; echo "== $name: exit $? after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; }
-for P in small kimi_linear_48b_a3b; do
+PRESETS=${PRESETS:-small kimi_linear_48b_a3b}
+for P in $PRESETS; do
   L=50; [ $P = small ] || L=25
   rm -rf eval_results
   part surgery_$P 150 python3 -m rkl surgery --model $P --out $W/$P "${CLI[@]}"
@@ -17,5 +18,5 @@ for P in small kimi_linear_48b_a3b; do
   python3 -m rkl compare baseline after_surgery > $S/compare_$P.txt 2>&1; echo "compare exit $?" >> $S/compare_$P.txt
   for f in eval_results/*.json; do cp $f $S/${P}_$(basename $f); done
 done
-cat $S/summary.txt; for P in small kimi_linear_48b_a3b; do echo "== compare $P"; head -c 2500 $S/compare_$P.txt; done
+cat $S/summary.txt; for P in $PRESETS; do echo "== compare $P"; head -c 2500 $S/compare_$P.txt; done
 for f in $S/eval_*; do echo "== $f"; tail -n 3 $f; done

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Where one cached single-token decode step of the base goes (the step the draft walk and generation repeat):
 wall time per step, host-device syncs and kernel launches per step, and torch.profiler's top operators by host
-time and by device time.
+time and by device time. `--compare-cudnn` first times the step with SDPA allowed cuDNN's attention and without
+(rkl's setting, rkl.model.kernels.set_cudnn_attention), side by side; the profile runs without.
 
-    python scripts/profile_decode.py --preset small --batch 8 --prefix 1024
+    python scripts/profile_decode.py --preset small --batch 8 --prefix 1024 --compare-cudnn
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from rkl.model.base import build_preset
 from rkl.model.cache import new_cache
+from rkl.model.kernels import set_cudnn_attention
 
 
 def main() -> None:
@@ -25,6 +27,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--compare-cudnn", action="store_true", help="time the step with cuDNN attention too")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
     base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
@@ -44,14 +47,26 @@ def main() -> None:
                 -1, keepdim=True)
             position += 1
 
-        for _ in range(3):
-            step()
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        wall = (time.perf_counter() - t) / args.steps
+        def timed() -> float:
+            for _ in range(3):
+                step()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            return (time.perf_counter() - t) / args.steps
+
+        if args.compare_cudnn:
+            walls = {}
+            for allowed in (True, False, True, False):  # twice each, interleaved: the machine is noisy
+                set_cudnn_attention(allowed)
+                walls.setdefault(allowed, []).append(timed())
+            on, off = min(walls[True]), min(walls[False])
+            print(f"cuDNN attention allowed: {on * 1e3:.1f} ms per decode step; not allowed: {off * 1e3:.1f} ms "
+                  f"({on / off:.2f}x)", flush=True)
+        set_cudnn_attention(False)
+        wall = timed()
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
             for _ in range(args.steps):
                 step()

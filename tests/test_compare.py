@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 from typing import Any
@@ -190,7 +192,12 @@ def test_exactness_judged_only_between_results_of_the_same_kernels(tmp_path: Pat
         results[stage]["eval"] = {"deterministic": True, **kernels}
     results["after_surgery"]["metrics"]["perplexity"] += 1e-9
     assert any("differs from baseline in perplexity" in w for w in _warnings(results, tmp_path))
-    results["baseline"]["eval"]["short_convolution"] = "reference"
-    warnings = _warnings(results, tmp_path)
-    assert any("not judged: the two ran different KDA kernels" in w for w in warnings)
-    assert not any("differs from baseline" in w for w in warnings)
+    results["baseline"]["eval"]["cudnn_attention"] = False  # recorded by one only: not held against the other
+    assert any("differs from baseline in perplexity" in w for w in _warnings(results, tmp_path))
+    for key, other in (("short_convolution", "reference"), ("cudnn_attention", True)):
+        mismatched = copy.deepcopy(results)
+        mismatched["after_surgery"]["eval"]["cudnn_attention"] = False
+        mismatched["baseline"]["eval"][key] = other
+        warnings = _warnings(mismatched, tmp_path)
+        assert any("not judged: the two ran different kernels" in w and key in w for w in warnings), key
+        assert not any("differs from baseline" in w for w in warnings)

@@ -110,7 +110,8 @@ def test_without_fla_the_reference_stays_and_is_recorded(restore_conv):
         pytest.skip("fla is installed")
     assert set_short_convolution("fla") == "reference"
     assert short_convolution_in_use() == "reference"
-    assert kernel_record() == {"kda_kernels": "reference", "short_convolution": "reference"}
+    assert kernel_record() == {"kda_kernels": "reference", "short_convolution": "reference",
+                               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fla_kernels_available()), reason="needs a GPU with fla")

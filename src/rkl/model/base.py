@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, KimiLinearConfig, KimiLinearForCausalLM, PreTrainedTokenizerBase
 
 from rkl.errors import UserError
-from rkl.model.kernels import set_short_convolution, use_small_reference_kda_chunks
+from rkl.model.kernels import set_cudnn_attention, set_short_convolution, use_small_reference_kda_chunks
 from rkl.model.weights import check_weight_files
 from rkl.paths import configs_dir
 
@@ -63,6 +63,7 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
     """Load a checkpoint folder (with its tokenizer, if it has one) or build a preset (no tokenizer)."""
     use_small_reference_kda_chunks()  # CPU only: the reference KDA's Python loop runs per chunk row
     set_short_convolution("fla")  # GPU with fla only: else transformers' F.conv1d stays
+    set_cudnn_attention(False)  # its per-shape host setup dominates a decode step (rkl.model.kernels)
     torch_dtype = resolve_dtype(dtype)
     path = Path(model)
     if path.is_dir():
@@ -102,6 +103,7 @@ def build_preset(name: str, dtype: torch.dtype | None = None, device_map: str | 
     generator is not the CPU's (and may fill differently on another GPU model), so a preset surgery folder is only
     comparable with stages run on the same kind of device."""
     set_short_convolution("fla")
+    set_cudnn_attention(False)
     config = preset_config(name)
     declared = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
     torch.manual_seed(seed)

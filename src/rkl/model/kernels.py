@@ -11,6 +11,12 @@ On a GPU with fla, transformers takes fla's KDA kernels but looks for the KDA la
 separate `causal-conv1d` package (CUDA-only, no wheel here), and without it runs `F.conv1d` (it warns so). fla ships
 a Triton kernel for the same convolution with another layout ([B, T, D] instead of [B, D, T]; the decode cache is the
 same [B, D, W] window, updated in place the same way): `set_short_convolution("fla")` plugs it in.
+
+The MLA layers call PyTorch's SDPA, which on an H100/H200 picks cuDNN's attention first (the query/key head width,
+192, is not the value's, 128, which rules out the flash kernel). cuDNN builds an execution graph per shape, on the
+host, and a decode step's key length is new every step: profiled on one H200 (small preset, batch 64, prefix 1024),
+`aten::_cudnn_attention_forward` took 59% of the host time, about 20 ms per call, while the whole step kept the GPU
+busy for 10 ms. `set_cudnn_attention(False)` leaves SDPA its memory-efficient kernel instead.
 """
 
 from __future__ import annotations
@@ -105,7 +111,15 @@ def short_convolution_in_use() -> str:
     return "reference" if not _REFERENCE or mkl.causal_conv1d_fn is _REFERENCE["causal_conv1d_fn"] else "fla"
 
 
+def set_cudnn_attention(allowed: bool) -> bool:
+    """Process-wide: whether SDPA may dispatch to cuDNN's attention (see the module docstring; rkl turns it off when
+    it loads a model). The kernels round differently, so results compare only within one setting."""
+    torch.backends.cuda.enable_cudnn_sdp(allowed)
+    return torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def kernel_record() -> dict:
-    """What run.json and eval results record about the KDA kernels (results compare only within one choice)."""
+    """What run.json and eval results record about the kernels (results compare only within one choice)."""
     return {"kda_kernels": "fla" if fla_kernels_available() else "reference",
-            "short_convolution": short_convolution_in_use()}
+            "short_convolution": short_convolution_in_use(),
+            "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
