@@ -2,7 +2,8 @@
 
 A training checkpoint folder holds whatever the task saves (a `save_pretrained` model + tokenizer, or the
 sidecar's safetensors), `recursive_config.json`, `run.json` (metadata) and `training_state.pt` (optimizer,
-scheduler, RNG states, step) so `--resume` continues exactly where the run stopped.
+scheduler, RNG states, step; with sharded trained tensors, their optimizer state in `training_state.part-*.pt`
+beside it) so `--resume` continues exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import random
 import shutil
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,15 +95,58 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, save_weights: Callable[[Path], None], config: RecursiveConfig, meta: dict,
-                    training_state: dict | None = None) -> None:
+@contextmanager
+def checkpoint_folder(out_dir: Path, main: bool) -> Iterator[Path | None]:
+    """atomic_dir(out_dir) on the main process; None on the others, which only take part in the gathers of a
+    sharded save."""
+    if not main:
+        yield None
+        return
     with atomic_dir(out_dir) as tmp:
-        save_weights(tmp)
-        config.save(tmp / "recursive_config.json")
-        (tmp / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE)
-        (tmp / COMPLETE).write_text(str(meta.get("step", "")) + "\n")  # written last: the folder is whole
+        yield tmp
+
+
+def write_checkpoint_files(folder: Path, config: RecursiveConfig, meta: dict, training_state: dict | None) -> None:
+    """Everything of a checkpoint beside the weights (written before), COMPLETE last."""
+    config.save(folder / "recursive_config.json")
+    (folder / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if training_state is not None:
+        torch.save(training_state, folder / TRAINING_STATE)
+    (folder / COMPLETE).write_text(str(meta.get("step", "")) + "\n")  # written last: the folder is whole
+
+
+# A sharded run's checkpoint gathers each sharded optimizer-state tensor whole on the main process. Held until one
+# torch.save of the whole state, they were all of it at once: 88.7 GB of AdamW moments in phase C at 48B, on top of
+# the 44 GB of gathered unfrozen weights. So the main process writes them out as they come, in part files of about
+# this size, and training_state.pt holds a StoredInPart where each was; load_training_state puts them back.
+STATE_PART_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class StoredInPart:
+    file: str  # beside training_state.pt
+    key: str
+
+
+class StateParts:
+    """Part files `training_state.part-NNNN.pt` of a checkpoint folder, filled a tensor at a time."""
+
+    def __init__(self, folder: Path, part_bytes: int | None = None) -> None:
+        self.folder, self.part_bytes = Path(folder), STATE_PART_BYTES if part_bytes is None else part_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.files = 0
+
+    def store(self, key: str, tensor: torch.Tensor) -> StoredInPart:
+        self.pending[key] = tensor
+        where = StoredInPart(f"{TRAINING_STATE.removesuffix('.pt')}.part-{self.files:04d}.pt", key)
+        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.part_bytes:
+            self.flush()
+        return where
+
+    def flush(self) -> None:
+        if self.pending:
+            torch.save(self.pending, self.folder / f"{TRAINING_STATE.removesuffix('.pt')}.part-{self.files:04d}.pt")
+            self.pending, self.files = {}, self.files + 1
 
 
 def has_training_state(ckpt_dir: Path) -> bool:
@@ -109,14 +154,22 @@ def has_training_state(ckpt_dir: Path) -> bool:
 
 
 def load_training_state(ckpt_dir: Path) -> dict | None:
-    """The saved optimizer, scheduler, RNG state and step, or None. Memory-mapped: the tensors stay in the file (the
+    """The saved optimizer, scheduler, RNG state and step, or None. Memory-mapped: the tensors stay in the files (the
     page cache, which the processes of a host share) until read. Each process of a sharded run keeps only its own
     shards of the AdamW moments, so no process holds the whole state: 88.7 GB of moments in phase C at 48B, which
     every process would otherwise read whole (4 x 88.7 GB of host memory on 4 GPUs). Copy-on-write: nothing writes
-    the file."""
+    the files."""
     if not has_training_state(ckpt_dir):
         return None
-    return torch.load(Path(ckpt_dir) / TRAINING_STATE, map_location="cpu", weights_only=False, mmap=True)
+    load = lambda name: torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=False, mmap=True)  # noqa: E731
+    state, parts = load(TRAINING_STATE), {}
+    for per_param in state.get("optimizer", {}).get("state", {}).values():
+        for k, v in per_param.items():
+            if isinstance(v, StoredInPart):
+                if v.file not in parts:
+                    parts[v.file] = load(v.file)
+                per_param[k] = parts[v.file][v.key]
+    return state
 
 
 class RunLock:

@@ -33,8 +33,8 @@ from torch.utils.tensorboard import SummaryWriter
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 from rkl.runmeta import peak_memory_mib
-from rkl.train.checkpoint import (_FAULT_STEP, RunLock, fault_point, load_training_state, rng_state, save_checkpoint,
-                                  set_rng_state)
+from rkl.train.checkpoint import (_FAULT_STEP, RunLock, StateParts, checkpoint_folder, fault_point, load_training_state,
+                                  rng_state, set_rng_state, write_checkpoint_files)
 from rkl.train.optim import build_optimizer, build_scheduler
 from rkl.train.sharding import clip_gradients, full_optimizer_state, is_sharded, shard_optimizer_state
 
@@ -150,11 +150,14 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
         _FAULT_STEP[0] = step
         writer.flush()  # every logged step up to a checkpoint is on disk with it: a resume from it loses no point
         task.gather_for_save(main)  # collective where FSDP shards trained tensors, as is the optimizer state's gather
-        optimizer_state = full_optimizer_state(optimizer, main)
-        if main:
-            training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                              "rng": rng_state(), "step": step}
-            save_checkpoint(out_dir, task.save_weights, config, {**meta, "step": step}, training_state)
+        with checkpoint_folder(out_dir, main) as folder:
+            if main:  # first: it drops the gathered weights before the optimizer state is gathered
+                task.save_weights(folder)
+            optimizer_state = full_optimizer_state(optimizer, main, StateParts(folder) if main and sharded else None)
+            if main:
+                training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                                  "rng": rng_state(), "step": step}
+                write_checkpoint_files(folder, config, {**meta, "step": step}, training_state)
         accelerator.wait_for_everyone()
         result.checkpoint_step = step
 

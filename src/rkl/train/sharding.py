@@ -14,7 +14,8 @@ What trains, and where its gradients and optimizer state live:
   all-reduces their gradients as in data parallel;
 - phase C's unfrozen layers (every unfreeze_every-th layer, float32, 11.09B parameters at 48B) are sharded:
   FSDP reduce-scatters their gradients, and AdamW keeps 1/N of their state on each process. A checkpoint gathers
-  them one tensor at a time to the main process and saves the files a single-process run saves, so a run resumes
+  them one tensor at a time to the main process and saves what a single-process run saves (the optimizer state's
+  gathered tensors written out a part file at a time, rkl.train.checkpoint.StateParts), so a run resumes
   exactly, `rkl eval` loads it as any other, and it loads under another launcher or process count (which then trains
   on another global batch, batch_size x processes). An interrupt (Ctrl-C) writes no checkpoint here: the processes
   may stop at different points, so the gathers could pair up wrongly; the last periodic checkpoint stands.
@@ -145,13 +146,23 @@ def full_tensor(tensor: torch.Tensor, main: bool) -> torch.Tensor | None:
     return whole.detach().cpu() if main else None
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer, main: bool) -> dict | None:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, main: bool, parts=None) -> dict | None:
     """optimizer.state_dict() with every sharded state tensor gathered whole, on the main process (None elsewhere):
-    the state a single-process run saves. Collective where a trained tensor is sharded."""
+    the state a single-process run saves. Collective where a trained tensor is sharded. With `parts` (a
+    rkl.train.checkpoint.StateParts, on the main process) each gathered tensor goes into its part files as it comes
+    and the state holds where it went: the main process never holds more than a part's worth."""
     state = optimizer.state_dict()
     gathered = {}
     for index, per_param in state["state"].items():  # copies: these dicts are the optimizer's live state
-        gathered[index] = {k: full_tensor(v, main) if isinstance(v, DTensor) else v for k, v in per_param.items()}
+        gathered[index] = {}
+        for k, v in per_param.items():
+            if isinstance(v, DTensor):
+                v = full_tensor(v, main)
+                if parts is not None and main:
+                    v = parts.store(f"{index}.{k}", v)
+            gathered[index][k] = v
+    if parts is not None and main:
+        parts.flush()
     return {**state, "state": gathered} if main else None
 
 
