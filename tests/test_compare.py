@@ -192,7 +192,14 @@ def test_exactness_judged_only_between_results_of_the_same_kernels(tmp_path: Pat
         results[stage]["eval"] = {"deterministic": True, **kernels}
     results["after_surgery"]["metrics"]["perplexity"] += 1e-9
     assert any("differs from baseline in perplexity" in w for w in _warnings(results, tmp_path))
-    results["baseline"]["eval"]["cudnn_attention"] = False  # recorded by one only: not held against the other
+    # a GPU result from before rkl recorded cudnn_attention ran with it allowed (PyTorch's default)
+    results["baseline"]["eval"]["cudnn_attention"] = False
+    assert any("not judged: the two ran different kernels" in w for w in _warnings(results, tmp_path))
+    on_cpu = copy.deepcopy(results)  # on a CPU the setting means nothing
+    for stage in ("baseline", "after_surgery"):
+        on_cpu[stage]["device"] = "cpu"
+    assert any("differs from baseline in perplexity" in w for w in _warnings(on_cpu, tmp_path))
+    results["baseline"]["eval"]["cudnn_attention"] = True
     assert any("differs from baseline in perplexity" in w for w in _warnings(results, tmp_path))
     for key, other in (("short_convolution", "reference"), ("cudnn_attention", True)):
         mismatched = copy.deepcopy(results)

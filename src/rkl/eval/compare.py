@@ -111,6 +111,19 @@ def _delta_cell(results: dict[str, dict[str, Any]], metric: str, stage: str, ref
     return _delta_text(metric, _metric(ra, metric), _metric(rb, metric), _diff_se(ra, rb, metric, metric))
 
 
+def kernel_settings(result: dict[str, Any]) -> dict[str, Any]:
+    """The kernel choices a result records (None: not recorded, which is not held against the other result). A GPU
+    result written before rkl recorded `cudnn_attention` ran with it allowed, PyTorch's default; on a CPU it means
+    nothing."""
+    ran = result.get("eval", {})
+    settings = {k: ran.get(k) for k in ("kda_kernels", "short_convolution", "cudnn_attention")}
+    if str(result.get("device", "cpu")).startswith("cpu"):
+        settings["cudnn_attention"] = None
+    elif settings["cudnn_attention"] is None:
+        settings["cudnn_attention"] = True
+    return settings
+
+
 def check_exactness(results: dict[str, dict[str, Any]]) -> list[str]:
     """after_surgery must equal baseline exactly in perplexity, token accuracy and greedy generations; judged only
     between reproducible results (CPU, or GPU with deterministic kernels: rkl.determinism)."""
@@ -122,9 +135,7 @@ def check_exactness(results: dict[str, dict[str, Any]]) -> list[str]:
     if loose:
         return [f"WARNING: after_surgery == baseline not judged: {' and '.join(loose)} ran on a GPU without "
                 "deterministic kernels, which is not reproducible run to run; re-run `rkl eval --deterministic`."]
-    # a key a result lacks (written before rkl recorded it) is not held against it
-    kernels = {s: {k: r.get("eval", {}).get(k) for k in ("kda_kernels", "short_convolution", "cudnn_attention")}
-               for s, r in ((BASELINE, base), (SURGERY, surg))}
+    kernels = {s: kernel_settings(r) for s, r in ((BASELINE, base), (SURGERY, surg))}
     differ = [k for k in kernels[BASELINE] if None not in (kernels[BASELINE][k], kernels[SURGERY][k])
               and kernels[BASELINE][k] != kernels[SURGERY][k]]
     if differ:

@@ -117,8 +117,9 @@ def write_checkpoint_files(folder: Path, config: RecursiveConfig, meta: dict, tr
 
 # A sharded run's checkpoint gathers each sharded optimizer-state tensor whole on the main process. Held until one
 # torch.save of the whole state, they were all of it at once: 88.7 GB of AdamW moments in phase C at 48B, on top of
-# the 44 GB of gathered unfrozen weights. So the main process writes them out as they come, in part files of about
-# this size, and training_state.pt holds a StoredInPart where each was; load_training_state puts them back.
+# the 44 GB of gathered unfrozen weights. So the main process writes them out as they come, in part files of up to
+# this size (or one larger tensor: an MoE layer's fused gate_up_proj moment is 4.8 GB at 48B), and training_state.pt
+# holds a StoredInPart where each was; load_training_state puts them back.
 STATE_PART_BYTES = 1 << 30
 
 
@@ -137,15 +138,18 @@ class StateParts:
         self.files = 0
 
     def store(self, key: str, tensor: torch.Tensor) -> StoredInPart:
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        if self.pending and sum(map(size, self.pending.values())) + size(tensor) > self.part_bytes:
+            self.flush()  # first: the process then holds a part or one larger tensor, not both
         self.pending[key] = tensor
-        where = StoredInPart(f"{TRAINING_STATE.removesuffix('.pt')}.part-{self.files:04d}.pt", key)
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.part_bytes:
-            self.flush()
-        return where
+        return StoredInPart(self.name(), key)
+
+    def name(self) -> str:
+        return f"{TRAINING_STATE.removesuffix('.pt')}.part-{self.files:04d}.pt"
 
     def flush(self) -> None:
         if self.pending:
-            torch.save(self.pending, self.folder / f"{TRAINING_STATE.removesuffix('.pt')}.part-{self.files:04d}.pt")
+            torch.save(self.pending, self.folder / self.name())
             self.pending, self.files = {}, self.files + 1
 
 

@@ -150,7 +150,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, main: bool, parts=Non
     """optimizer.state_dict() with every sharded state tensor gathered whole, on the main process (None elsewhere):
     the state a single-process run saves. Collective where a trained tensor is sharded. With `parts` (a
     rkl.train.checkpoint.StateParts, on the main process) each gathered tensor goes into its part files as it comes
-    and the state holds where it went: the main process never holds more than a part's worth."""
+    and the state holds where it went: the main process holds a part's worth, or one larger tensor, at a time."""
     state = optimizer.state_dict()
     gathered = {}
     for index, per_param in state["state"].items():  # copies: these dicts are the optimizer's live state
