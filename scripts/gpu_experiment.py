@@ -1,18 +1,18 @@
 #!/usr/bin/env python
 """A real experiment in one device call of under 10 minutes on one H200, from scratch: pretrain the `mini` preset
-(29M parameters) on stdlib code + 3-digit MSD-first addition, surgery, phase A, the vanilla control on phase A's
-token budget, eval of all four stages, compare.
+(29M parameters) on stdlib code + 3-digit MSD-first addition, surgery, phase A (and, with --phase-b-s, phase B
+from it), the vanilla control on the recursive phases' token budget, eval of every stage, compare.
 
 It runs the very `rkl` commands a researcher would type, but in ONE process (`rkl.cli.app` called per command):
 on the GPU every new process pays its imports, CUDA start-up and Triton compilation/autotuning of the fla kernels
 again (a first pretrain step took over 47 s there), which seven separate commands cannot afford in 10 minutes.
 Training is time-boxed with SIGALRM turned into KeyboardInterrupt, which rkl handles as Ctrl-C (the last finished
-step is saved); the vanilla control then gets the steps phase A actually ran.
+step is saved); the vanilla control then gets the steps phases A and B actually ran.
 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
     python3 scripts/gpu_experiment.py --out $OUT --more --phase-a-s 210   # later, on the same machine: train longer
-    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --limit 4 --batch 4 \
-        --finetune-batch 4   # a check on the CPU
+    python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --phase-b-s 30 --limit 4 \
+        --batch 4 --finetune-batch 4   # a check on the CPU
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def export(out: Path, work: Path) -> None:
     results = eval_results_dir()
     for f in [*results.glob("*.json"), *results.glob("*.md"), *results.glob("*.png")]:
         shutil.copy(f, out / f.name)
-    for stage in ("baseline", "after_surgery", "phase_a", "finetuned_vanilla"):
+    for stage in ("baseline", "after_surgery", "phase_a", "phase_b", "finetuned_vanilla"):
         for name in ("run.json", "config.json"):
             if (work / stage / name).is_file():
                 shutil.copy(work / stage / name, out / f"{stage}_{name}")
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/rkl_experiment")
     ap.add_argument("--pretrain-s", type=float, default=150)
     ap.add_argument("--phase-a-s", type=float, default=100)
+    ap.add_argument("--phase-b-s", type=float, default=0, help="phase B's time box (0: no phase B)")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32, help="pretraining batch (rows of seq_len 256)")
     ap.add_argument("--finetune-batch", type=int, default=128,
@@ -104,6 +105,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     elif not all((work / stage / "run.json").is_file() for stage in ("phase_a", "finetuned_vanilla")):
         sys.exit(f"--more continues a finished run, and {work} holds none")
+    elif args.phase_b_s > 0 and not (work / "phase_b" / "run.json").is_file():
+        sys.exit(f"--more --phase-b-s continues a run with phase B, and {work} holds none")
     out.mkdir(parents=True, exist_ok=True)
     width, prefix = 8, 64  # phase A: prefixes of up to `prefix` tokens (rkl's prefix_range) before a width-token chunk
     data = ["--set", "data=arithmetic+stdlib", "--set", "arithmetic_digits=3",
@@ -134,18 +137,27 @@ def main() -> None:
          "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
          "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
-    # the control: phase A's rows and mean tokens per row (prefix + chunk), for as many steps as phase A ran
+    stages, b_steps = ["phase_a"], 0
+    if args.phase_b_s > 0:  # phase A's settings (its stage file inherits them), plus LoRA, from phase A's weights
+        step(["train", "--phase", "b", "--model", str(work / "phase_a"), "--out", str(work / "phase_b"), *resume,
+              "--steps", "800", *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
+              "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
+              "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_b_s)
+        b_steps = json.loads((work / "phase_b" / "run.json").read_text())["step"]
+        stages.append("phase_b")
+    # the control: the recursive phases' rows and mean tokens per row (prefix + chunk), for as many steps as they ran
     from rkl import RecursiveConfig
     from rkl.train.refine_phases import prefix_range
 
     shortest, longest = prefix_range(RecursiveConfig(seq_len=prefix + width, chunk_width=width))
     step(["train", "--phase", "vanilla", "--model", str(work / "baseline"), "--out", str(work / "finetuned_vanilla"),
-         *resume, "--steps", str(a_steps), *fb, "--set", f"seq_len={(shortest + longest) // 2 + width}",
+         *resume, "--steps", str(a_steps + b_steps), *fb, "--set", f"seq_len={(shortest + longest) // 2 + width}",
          "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
-    for stage in ("phase_a", "finetuned_vanilla"):
+    for stage in (*stages, "finetuned_vanilla"):
         step(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])
-    step(["compare", "baseline", "after_surgery", "finetuned_vanilla", "phase_a"])
-    print(f"\nphase A ran {a_steps} steps; whole experiment {time.perf_counter() - t0:.0f} s")
+    step(["compare", "baseline", "after_surgery", "finetuned_vanilla", *stages])
+    ran = f"phase A ran {a_steps} steps" + (f", phase B {b_steps}" if b_steps else "")
+    print(f"\n{ran}; whole experiment {time.perf_counter() - t0:.0f} s")
     from rkl.paths import eval_results_dir
 
     md = eval_results_dir() / "compare.md"
