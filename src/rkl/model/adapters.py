@@ -186,16 +186,17 @@ def l2_to_pretrained(params: dict[str, torch.nn.Parameter], reference: dict[str,
 
 
 def save_base_changes(base: torch.nn.Module, config: RecursiveConfig, out_dir: Path,
-                      unfrozen: dict[str, torch.Tensor] | None = None) -> None:
-    """unfrozen: the unfrozen layers' weights by name, where the base holds only shards of them (FSDP)."""
+                      unfrozen_written: bool = False) -> None:
+    """unfrozen_written: UNFROZEN_FILE is in out_dir already (FSDP, where the base holds only shards of the unfrozen
+    layers: rkl.train.refine_phases.RefineTask.save_sharded streams it)."""
     if any("lora_" in n for n, _ in base.named_parameters()):  # also adapters inherited from phase B
         state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(base).items()}
         save_file(state, str(Path(out_dir) / LORA_FILE))
         (Path(out_dir) / LORA_SHAPE_FILE).write_text(json.dumps(base.rkl_lora_shape) + "\n")
-    if config.unfreeze_every > 0:
+    if config.unfreeze_every > 0 and not unfrozen_written:
         chosen = unfrozen_layers(base.config.num_hidden_layers, config.unfreeze_every)
-        state = unfrozen or {f"model.layers.{i}.{n}": p.detach()
-                             for i in chosen for n, p in base.model.layers[i].named_parameters() if "lora_" not in n}
+        state = {f"model.layers.{i}.{n}": p.detach()
+                 for i in chosen for n, p in base.model.layers[i].named_parameters() if "lora_" not in n}
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out_dir) / UNFROZEN_FILE))
 
 

@@ -116,10 +116,10 @@ def write_checkpoint_files(folder: Path, config: RecursiveConfig, meta: dict, tr
 
 
 # A sharded run's checkpoint gathers each sharded optimizer-state tensor whole on the main process. Held until one
-# torch.save of the whole state, they were all of it at once: 88.7 GB of AdamW moments in phase C at 48B, on top of
-# the 44 GB of gathered unfrozen weights. So the main process writes them out as they come, in part files of up to
-# this size (or one larger tensor: an MoE layer's fused gate_up_proj moment is 4.8 GB at 48B), and training_state.pt
-# holds a StoredInPart where each was; load_training_state puts them back.
+# torch.save of the whole state, they were all of it at once: 88.7 GB of AdamW moments in phase C at 48B. So the
+# main process writes them out as they come, in part files of up to this size (or one larger tensor: an MoE layer's
+# fused gate_up_proj moment is 4.8 GB at 48B), and training_state.pt holds a StoredInPart where each was;
+# load_training_state puts them back.
 STATE_PART_BYTES = 1 << 30
 
 
@@ -165,7 +165,9 @@ def load_training_state(ckpt_dir: Path) -> dict | None:
     the files."""
     if not has_training_state(ckpt_dir):
         return None
-    load = lambda name: torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=False, mmap=True)  # noqa: E731
+    def load(name: str):
+        return torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=False, mmap=True)
+
     state, parts = load(TRAINING_STATE), {}
     for per_param in state.get("optimizer", {}).get("state", {}).values():
         for k, v in per_param.items():

@@ -64,7 +64,7 @@ class LMTask:
             accs.append(float(acc))
         return {"loss": sum(losses) / len(losses), "token_accuracy": sum(accs) / len(accs)}
 
-    def gather_for_save(self, main: bool) -> None:
+    def save_sharded(self, folder: Path | None) -> None:
         pass  # nothing is sharded: FSDP is refused for these phases (rkl.train.sharding)
 
     def save_weights(self, out_dir: Path) -> None:

@@ -48,9 +48,10 @@ class TrainTask(Protocol):
         """Loss of one micro-batch plus scalars to log (must include 'tokens': tokens processed)."""
     def validate(self) -> dict[str, float]: ...
     def save_weights(self, out_dir: Path) -> None:
-        """Called on the main process only, after gather_for_save."""
-    def gather_for_save(self, main: bool) -> None:
-        """Called on every process before a save: collect whole copies of sharded tensors for the main process."""
+        """Called on the main process only, after save_sharded."""
+    def save_sharded(self, folder: Path | None) -> None:
+        """Called on every process first in a save (collective where FSDP shards trained tensors): write the sharded
+        tensors, gathered whole, into the checkpoint folder on the main process (None on the others)."""
 
 
 @dataclass
@@ -149,9 +150,9 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
     def checkpoint(step: int) -> None:
         _FAULT_STEP[0] = step
         writer.flush()  # every logged step up to a checkpoint is on disk with it: a resume from it loses no point
-        task.gather_for_save(main)  # collective where FSDP shards trained tensors, as is the optimizer state's gather
         with checkpoint_folder(out_dir, main) as folder:
-            if main:  # first: it drops the gathered weights before the optimizer state is gathered
+            task.save_sharded(folder)  # collective where FSDP shards trained tensors, as is the optimizer state's
+            if main:
                 task.save_weights(folder)
             optimizer_state = full_optimizer_state(optimizer, main, StateParts(folder) if main and sharded else None)
             if main:

@@ -23,7 +23,8 @@ from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import Noise, build_chunk
-from rkl.model.adapters import apply_lora, l2_to_pretrained, save_base_changes, unfreeze
+from rkl.model.weights import SafetensorsStream
+from rkl.model.adapters import UNFROZEN_FILE, apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
 from rkl.train.drift import DriftProbe
 from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
@@ -56,7 +57,7 @@ class RefineTask:
         self.lora_params = apply_lora(base, config) if config.lora_rank > 0 else []
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
-        self.whole_unfrozen: dict[str, torch.Tensor] | None = None  # set by gather_for_save where FSDP shards them
+        self.unfrozen_written = False  # set by save_sharded where FSDP shards them
         self.walked: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (step, micro) -> drafted() of its group
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
@@ -204,21 +205,29 @@ class RefineTask:
             sums.update(self.drift.measure())
         return sums
 
-    def gather_for_save(self, main: bool) -> None:
-        """With FSDP the unfrozen layers are sharded: gather them whole, tensor by tensor, for the main process."""
-        self.whole_unfrozen = None
-        if any(is_sharded(p) for p in self.unfrozen.values()):
-            whole = {name: full_tensor(p, main) for name, p in self.unfrozen.items()}  # every process gathers
-            self.whole_unfrozen = whole if main else None
+    def save_sharded(self, folder: Path | None) -> None:
+        """With FSDP the unfrozen layers are sharded: every process gathers them one tensor at a time, in one order,
+        and the main process (folder: None elsewhere) streams each into its unfrozen.safetensors, holding one."""
+        if not any(is_sharded(p) for p in self.unfrozen.values()):
+            return
+        specs = {name: (tuple(p.shape), p.dtype) for name, p in self.unfrozen.items()}
+        stream = SafetensorsStream(Path(folder) / UNFROZEN_FILE, specs) if folder is not None else None
+        for name in SafetensorsStream.order(specs):
+            whole = full_tensor(self.unfrozen[name], main=stream is not None)
+            if stream is not None:
+                stream.write(name, whole)
+        if stream is not None:
+            stream.close()
+            self.unfrozen_written = True
 
     def save_weights(self, out_dir: Path) -> None:
         """A surgery-style folder: sidecar + LoRA/unfrozen weights + the reference to the (unchanged) base."""
         save_sidecar(self.wrapper, out_dir)
-        save_base_changes(self.wrapper.base, self.config, out_dir, unfrozen=self.whole_unfrozen)
+        save_base_changes(self.wrapper.base, self.config, out_dir, unfrozen_written=self.unfrozen_written)
         write_base_reference(self.base_reference, Path(out_dir))  # relative to this folder, so a moved tree loads
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
-        self.whole_unfrozen = None  # written: do not hold a whole copy on the host until the next save
+        self.unfrozen_written = False
 
 
 def validation_lines(config: RecursiveConfig, first: dict[str, float], last: dict[str, float]) -> list[str]:

@@ -14,8 +14,9 @@ What trains, and where its gradients and optimizer state live:
   all-reduces their gradients as in data parallel;
 - phase C's unfrozen layers (every unfreeze_every-th layer, float32, 11.09B parameters at 48B) are sharded:
   FSDP reduce-scatters their gradients, and AdamW keeps 1/N of their state on each process. A checkpoint gathers
-  them one tensor at a time to the main process and saves what a single-process run saves (the optimizer state's
-  gathered tensors written out a part file at a time, rkl.train.checkpoint.StateParts), so a run resumes
+  them one tensor at a time to the main process and saves what a single-process run saves (each weight streamed
+  into unfrozen.safetensors as it comes, the optimizer state's tensors a part file at a time:
+  rkl.train.checkpoint.StateParts), so a run resumes
   exactly, `rkl eval` loads it as any other, and it loads under another launcher or process count (which then trains
   on another global batch, batch_size x processes). An interrupt (Ctrl-C) writes no checkpoint here: the processes
   may stop at different points, so the gathers could pair up wrongly; the last periodic checkpoint stands.
