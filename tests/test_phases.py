@@ -349,6 +349,41 @@ def test_draft_walk_groups_build_the_chunks_each_micro_batch_builds_alone(stages
     assert not task.walked  # each chunk is handed out once
 
 
+def test_validation_walks_both_kinds_of_chunk_together_with_the_same_numbers(stages):
+    """With draft_walk_steps > 1, validation builds each held-out batch's drafted and corrupted chunks in one walk:
+    each chunk equals its own walk's (same modes, same sampling noise), and every validation number equals what one
+    walk per kind gives (draft_walk_steps 1)."""
+    from rkl.data.chunks import SAMPLE
+    from rkl.model.drafts import build_chunk
+    from rkl.train.refine_phases import RefineTask
+
+    stream = torch.arange(3, 3000) * 7 % 200 + 3
+    numbers, sampled = [], []
+    for steps in (1, 2):
+        config = RecursiveConfig(**{**REFINE, "batch_size": 3, "eval_batches": 2, "draft_walk_steps": steps,
+                                    "seq_len": 40})
+        wrapper, tokenizer, _ = load_model_with_config(stages / "after_surgery", config=config)
+        task = RefineTask(wrapper, tokenizer, config, stream, stream, torch.device("cpu"), "a", {})
+        walk_together = task.walk_together
+
+        def checked(batch, kinds):  # what validate walks together, against each kind's own walk
+            before = {name: gen.get_state() for name, _, gen in kinds}  # the noise the walk is about to draw
+            chunks = walk_together(batch, kinds)
+            snapshot, prev = wrapper.prepare_prefix(batch.prefix_ids)
+            for (name, modes, _), chunk in zip(kinds, chunks):
+                alone = build_chunk(wrapper, snapshot, prev, batch.chunk_ids, modes,
+                                    torch.Generator().set_state(before[name]))
+                assert torch.equal(chunk, alone), name
+            sampled.append(sum(int((modes == SAMPLE).sum()) for _, modes, _ in kinds))
+            return chunks
+
+        task.walk_together = checked
+        numbers.append(task.validate())
+    assert len(sampled) == 2 and sum(sampled) > 0  # both batches walked together, with sampled positions in them
+    assert numbers[0].keys() == numbers[1].keys() and "corrupt_ce_k" in numbers[0]
+    assert numbers[0] == numbers[1], {k: (numbers[0][k], numbers[1][k]) for k in numbers[0]}
+
+
 def test_draft_walk_groups_resume_exactly(stages):
     """With draft_walk_steps = 3, a run stopped at step 2 (inside its first group) and resumed ends at the weights
     of the uninterrupted run: the resumed run rebuilds the group it resumes in, from the group's first step."""

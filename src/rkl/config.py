@@ -100,7 +100,7 @@ class RecursiveConfig:
     corruption_rate_final: float = _f(0.15, "Corruption fraction at the end of training (with a schedule).", lo=0.0, hi=1.0, read_by=REFINE_PHASES)
     corruption_schedule: str = _f("linear", "How the rate moves from corruption_rate to corruption_rate_final.", choices=SCHEDULES, read_by=REFINE_PHASES)
     corruption_mask: str = _f("random", "'random' positions or contiguous 'span's.", choices=("random", "span"), read_by=REFINE_PHASES)
-    draft_walk_steps: int = _f(1, "Steps whose training chunks are built in one batched walk of the frozen base (phase A), sharing the group's first prefix length: the walk is one decode step per chunk position, launch-bound on a GPU, so it costs about as much for many rows as for few. 1: each micro-batch walks alone. Phases B and C (LoRA, unfrozen layers) train the base their drafts come from: 1 only.", lo=1, read_by=REFINE_PHASES)
+    draft_walk_steps: int = _f(1, "Steps whose training chunks are built in one batched walk of the frozen base (phase A), sharing the group's first prefix length: the walk is one decode step per chunk position, launch-bound on a GPU, so it costs about as much for many rows as for few. 1: each micro-batch walks alone. Above 1, validation also walks each held-out batch's drafted and corrupted chunks together. Phases B and C (LoRA, unfrozen layers) train the base their drafts come from: 1 only.", lo=1, read_by=REFINE_PHASES)
     # --- phases B and C ----------------------------------------------------------------------------------
     lora_rank: int = _f(0, "LoRA rank on attention and MLP projections (0 = no LoRA; phase B uses 8-16).", lo=0, read_by=REFINE_PHASES)
     lora_alpha: int = _f(16, "LoRA alpha.", lo=1, read_by=REFINE_PHASES)
