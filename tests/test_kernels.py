@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.kimi_linear import modeling_kimi_linear as mkl
 
-from rkl.model.base import load_base
+from rkl.model.base import build_preset, load_base
 from rkl.model.cache import new_cache
 from rkl.model.kernels import (fla_kernels_available, fla_short_convolution, kernel_record, set_short_convolution,
                                short_convolution_in_use)
@@ -136,3 +136,16 @@ def test_fla_kernel_matches_the_reference_on_the_gpu(restore_conv):
         out = mkl.causal_conv1d_update(step, state, weight, None, "silu")
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
+
+
+def test_loading_a_model_keeps_sdpa_off_cudnn_attention_and_records_it():
+    """cuDNN's attention made HF generate irreproducible at batch 32/64 on an H200 (docs/benchmarks.md, 2026-12-04):
+    every model rkl loads or builds turns it off, and results record that."""
+    torch.backends.cuda.enable_cudnn_sdp(True)  # PyTorch's default, whatever ran before
+    try:
+        for load in (lambda: load_base("tiny", seed=0, device_map="cpu"), lambda: build_preset("tiny", seed=0)):
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            load()
+            assert kernel_record()["cudnn_attention"] is False
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(False)
