@@ -275,7 +275,7 @@ def main() -> None:
     device = next(base.parameters()).device
     n_params = sum(p.numel() for p in base.parameters())
     say(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
-          f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}; cuDNN attention "
+        f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}; cuDNN attention "
         f"{'allowed' if args.cudnn_attention else 'off'}")
 
     # Every result is printed as soon as it is measured (flushed): on a GPU the first step also pays Triton's

@@ -132,8 +132,8 @@ class StoredInPart:
 class StateParts:
     """Part files `training_state.part-NNNN.pt` of a checkpoint folder, filled a tensor at a time."""
 
-    def __init__(self, folder: Path, part_bytes: int | None = None) -> None:
-        self.folder, self.part_bytes = Path(folder), STATE_PART_BYTES if part_bytes is None else part_bytes
+    def __init__(self, folder: Path, part_bytes: int = STATE_PART_BYTES) -> None:
+        self.folder, self.part_bytes = Path(folder), part_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.files = 0
 
@@ -165,6 +165,7 @@ def load_training_state(ckpt_dir: Path) -> dict | None:
     the files."""
     if not has_training_state(ckpt_dir):
         return None
+
     def load(name: str):
         return torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=False, mmap=True)
 

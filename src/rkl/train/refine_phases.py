@@ -57,7 +57,6 @@ class RefineTask:
         self.lora_params = apply_lora(base, config) if config.lora_rank > 0 else []
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
-        self.unfrozen_written = False  # set by save_sharded where FSDP shards them
         self.walked: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (step, micro) -> drafted() of its group
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
@@ -237,16 +236,15 @@ class RefineTask:
                 stream.write(name, whole)
         if stream is not None:
             stream.close()
-            self.unfrozen_written = True
 
     def save_weights(self, out_dir: Path) -> None:
         """A surgery-style folder: sidecar + LoRA/unfrozen weights + the reference to the (unchanged) base."""
         save_sidecar(self.wrapper, out_dir)
-        save_base_changes(self.wrapper.base, self.config, out_dir, unfrozen_written=self.unfrozen_written)
+        save_base_changes(self.wrapper.base, self.config, out_dir,  # sharded: save_sharded wrote them
+                          unfrozen_written=any(is_sharded(p) for p in self.unfrozen.values()))
         write_base_reference(self.base_reference, Path(out_dir))  # relative to this folder, so a moved tree loads
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
-        self.unfrozen_written = False
 
 
 def validation_lines(config: RecursiveConfig, first: dict[str, float], last: dict[str, float]) -> list[str]:

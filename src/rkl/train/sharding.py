@@ -159,10 +159,10 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, main: bool, parts=Non
         for k, v in per_param.items():
             if isinstance(v, DTensor):
                 v = full_tensor(v, main)
-                if parts is not None and main:
+                if parts is not None:
                     v = parts.store(f"{index}.{k}", v)
             gathered[index][k] = v
-    if parts is not None and main:
+    if parts is not None:
         parts.flush()
     return {**state, "state": gathered} if main else None
 
