@@ -10,6 +10,8 @@ Training is time-boxed with SIGALRM turned into KeyboardInterrupt, which rkl han
 step is saved); the vanilla control then gets the steps phases A and B actually ran.
 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
+    . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT --pretrain-s 125 --pretrain-steps 300 \
+        --phase-a-s 130 --phase-a-steps 90 --phase-b-s 80 --phase-b-steps 50 --limit 150   # phases A and B, <10 min
     python3 scripts/gpu_experiment.py --out $OUT --more --phase-a-s 210   # later, on the same machine: train longer
     python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --phase-b-s 30 --limit 4 \
         --batch 4 --finetune-batch 4   # a check on the CPU
@@ -87,8 +89,16 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/rkl_experiment_work")
     ap.add_argument("--out", default="/tmp/rkl_experiment")
     ap.add_argument("--pretrain-s", type=float, default=150)
+    ap.add_argument("--pretrain-steps", type=int, default=2000, help="pretraining's --steps (see --phase-a-steps)")
     ap.add_argument("--phase-a-s", type=float, default=100)
     ap.add_argument("--phase-b-s", type=float, default=0, help="phase B's time box (0: no phase B)")
+    ap.add_argument("--phase-a-steps", type=int, default=800,
+                    help="phase A's --steps: its cosine schedule spans them, so a count the time box lets it finish "
+                         "anneals its learning rate as the vanilla control's does")
+    ap.add_argument("--phase-b-steps", type=int, default=800, help="phase B's --steps (see --phase-a-steps)")
+    ap.add_argument("--lr-lora", type=float, default=1e-3,
+                    help="phase B's LoRA learning rate (recursive_phase_b.json's 1e-5 is meant for the 48B model and "
+                         "moves a 29M model's adapters by nothing in a few dozen steps)")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32, help="pretraining batch (rows of seq_len 256)")
     ap.add_argument("--finetune-batch", type=int, default=128,
@@ -126,21 +136,23 @@ def main() -> None:
     resume = ["--resume"] if args.more else []
     if not args.more:
         step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"),
-              "--steps", "2000", *b, "--set", "seq_len=256", "--set", "lr=1e-3", "--set", "warmup_steps=50",
+              "--steps", str(args.pretrain_steps), *b, "--set", "seq_len=256", "--set", "lr=1e-3",
+              "--set", "warmup_steps=50",
               "--set", "eval_interval=500", "--set", "save_interval=500", *data], args.pretrain_s)
         step(["eval", "--stage", "baseline", "--model", str(work / "baseline"), "--limit", str(args.limit), *data, *w])
         step(["surgery", "--model", str(work / "baseline"), "--out", str(work / "after_surgery"), *data, *w])
         step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit),
               *data])
     step(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"), *resume,
-         "--steps", "800", *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
+         "--steps", str(args.phase_a_steps), *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
          "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
          "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
     stages, b_steps = ["phase_a"], 0
     if args.phase_b_s > 0:  # phase A's settings (its stage file inherits them), plus LoRA, from phase A's weights
         step(["train", "--phase", "b", "--model", str(work / "phase_a"), "--out", str(work / "phase_b"), *resume,
-              "--steps", "800", *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
+              "--steps", str(args.phase_b_steps), *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
+              "--set", f"lr_lora={args.lr_lora}",
               "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
               "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_b_s)
         b_steps = json.loads((work / "phase_b" / "run.json").read_text())["step"]
