@@ -10,7 +10,7 @@ Training is time-boxed with SIGALRM turned into KeyboardInterrupt, which rkl han
 step is saved); the vanilla control then gets the steps phases A and B actually ran.
 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
-    . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT --pretrain-s 125 --pretrain-steps 300 \
+    . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT --bundle --pretrain-s 125 --pretrain-steps 300 \
         --phase-a-s 130 --phase-a-steps 90 --phase-b-s 80 --phase-b-steps 50 --limit 150   # phases A and B, <10 min
     python3 scripts/gpu_experiment.py --out $OUT --more --phase-a-s 210   # later, on the same machine: train longer
     python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --phase-b-s 30 --limit 4 \
@@ -58,17 +58,33 @@ def run(args: list[str], seconds: float | None = None) -> int:
     return code
 
 
-def export(out: Path, work: Path) -> None:
-    """Copy what exists so far into `out`: a device call that runs out of time still returns every finished result."""
+def export(out: Path, work: Path, bundle: bool) -> None:
+    """Copy what exists so far into `out`: a device call that runs out of time still returns every finished result.
+    With `bundle`, everything but compare.md goes into one results.tar.gz instead (the device tool brings back at most
+    8 files, and a run with phase B writes 20)."""
+    import tarfile
+
     from rkl.paths import eval_results_dir
 
     results = eval_results_dir()
-    for f in [*results.glob("*.json"), *results.glob("*.md"), *results.glob("*.png")]:
-        shutil.copy(f, out / f.name)
+    files = {f.name: f for f in [*results.glob("*.json"), *results.glob("*.md"), *results.glob("*.png")]}
     for stage in ("baseline", "after_surgery", "phase_a", "phase_b", "finetuned_vanilla"):
         for name in ("run.json", "config.json"):
             if (work / stage / name).is_file():
-                shutil.copy(work / stage / name, out / f"{stage}_{name}")
+                files[f"{stage}_{name}"] = work / stage / name
+    if (work / "environment.json").is_file():
+        files["environment.json"] = work / "environment.json"
+    if not bundle:
+        for name, f in files.items():
+            shutil.copy(f, out / name)
+        return
+    if "compare.md" in files:
+        shutil.copy(files.pop("compare.md"), out / "compare.md")
+    partial = out / "results.tar.gz.partial"  # renamed when complete: a kill mid-write leaves the last whole bundle
+    with tarfile.open(partial, "w:gz") as tar:
+        for name, f in files.items():
+            tar.add(f, arcname=name)
+    partial.replace(out / "results.tar.gz")
 
 
 def environment() -> dict:
@@ -108,6 +124,9 @@ def main() -> None:
     ap.add_argument("--more", action="store_true",
                     help="continue an earlier run in --work instead of starting over: resume phase A for --phase-a-s "
                          "seconds, the vanilla control to phase A's new step count, evaluate both again, compare")
+    ap.add_argument("--bundle", action="store_true",
+                    help="put the results (all but compare.md) into one --out/results.tar.gz, for a device call that "
+                         "brings back few files")
     args = ap.parse_args()
     t0 = time.perf_counter()
     work, out = Path(args.work), Path(args.out)
@@ -125,11 +144,12 @@ def main() -> None:
     b = ["--batch-size", str(args.batch)]
     fb = ["--batch-size", str(args.finetune_batch)]
 
-    (out / "environment.json").write_text(json.dumps(environment(), indent=1))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "environment.json").write_text(json.dumps(environment(), indent=1))
 
     def step(command: list[str], seconds: float | None = None) -> None:
         code = run(command, seconds)
-        export(out, work)
+        export(out, work, args.bundle)
         if code != 0:  # a time box ends a run with exit 0; anything else would feed stale results onwards
             sys.exit(f"stopped: `rkl {command[0]}` exited with {code}")
 
