@@ -61,7 +61,7 @@ def run(args: list[str], seconds: float | None = None) -> int:
 def export(out: Path, work: Path, bundle: bool) -> None:
     """Copy what exists so far into `out`: a device call that runs out of time still returns every finished result.
     With `bundle`, everything but compare.md goes into one results.tar.gz instead (the device tool brings back at most
-    8 files, and a run with phase B writes 20)."""
+    8 files, and a run with phase B writes over 20)."""
     import tarfile
 
     from rkl.paths import eval_results_dir
@@ -154,6 +154,9 @@ def main() -> None:
             sys.exit(f"stopped: `rkl {command[0]}` exited with {code}")
 
     resume = ["--resume"] if args.more else []
+    refine = [*fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3", "--set", "lr_boundary=1e-3",
+              "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200",
+              "--set", "eval_batches=2", *data]  # phases A and B alike
     if not args.more:
         step(["train", "--phase", "pretrain", "--model", args.preset, "--out", str(work / "baseline"),
               "--steps", str(args.pretrain_steps), *b, "--set", "seq_len=256", "--set", "lr=1e-3",
@@ -164,17 +167,12 @@ def main() -> None:
         step(["eval", "--stage", "after_surgery", "--model", str(work / "after_surgery"), "--limit", str(args.limit),
               *data])
     step(["train", "--phase", "a", "--model", str(work / "after_surgery"), "--out", str(work / "phase_a"), *resume,
-         "--steps", str(args.phase_a_steps), *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
-         "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
-         "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_a_s)
+         "--steps", str(args.phase_a_steps), *refine], args.phase_a_s)
     a_steps = json.loads((work / "phase_a" / "run.json").read_text())["step"]
     stages, b_steps = ["phase_a"], 0
     if args.phase_b_s > 0:  # phase A's settings (its stage file inherits them), plus LoRA, from phase A's weights
         step(["train", "--phase", "b", "--model", str(work / "phase_a"), "--out", str(work / "phase_b"), *resume,
-              "--steps", str(args.phase_b_steps), *fb, "--set", f"seq_len={prefix + width}", "--set", "lr_refine=1e-3",
-              "--set", f"lr_lora={args.lr_lora}",
-              "--set", "lr_boundary=1e-3", "--set", "warmup_steps=30", "--set", "eval_interval=200",
-              "--set", "save_interval=200", "--set", "eval_batches=2", *data], args.phase_b_s)
+              "--steps", str(args.phase_b_steps), *refine, "--set", f"lr_lora={args.lr_lora}"], args.phase_b_s)
         b_steps = json.loads((work / "phase_b" / "run.json").read_text())["step"]
         stages.append("phase_b")
     # the control: the recursive phases' rows and mean tokens per row (prefix + chunk), for as many steps as they ran
