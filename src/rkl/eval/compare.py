@@ -162,6 +162,38 @@ def check_exactness(results: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def lora_state(result: dict[str, Any]) -> str | None:
+    """How a result ran its LoRA: "merged" (folded into the base weights, `rkl eval --merge-lora`), "unmerged" (as
+    trained), "none" (no adapters); None for a result from before rkl recorded it (those ran any adapters unmerged)."""
+    ran = result.get("eval") or {}
+    if "lora_merged" not in ran:
+        return None
+    if ran["lora_merged"]:
+        return "merged"
+    return "unmerged" if ran.get("lora_layers") else "none"
+
+
+def check_lora(results: dict[str, dict[str, Any]], stages: list[str]) -> list[str]:
+    """Merged LoRA rounds the adapted weights differently (bf16) and decodes faster than unmerged LoRA: a stage scored
+    merged is compared only with stages known to be merged or to have no LoRA."""
+    states = {s: lora_state(results[s]) for s in stages}
+    merged = [s for s in stages if states[s] == "merged"]
+    if not merged:
+        return []
+    out = []
+    unmerged = [s for s in stages if states[s] == "unmerged"]
+    if unmerged:
+        out.append(f"WARNING: LoRA merged into the base weights in {', '.join(merged)} (--merge-lora) but unmerged, "
+                   f"as trained, in {', '.join(unmerged)}: their differences include the merge's rounding (bf16) "
+                   "and its faster decoding, not only training.")
+    unknown = [s for s in stages if states[s] is None]
+    if unknown:
+        out.append(f"WARNING: {', '.join(merged)} ran with LoRA merged (--merge-lora), but {', '.join(unknown)} do "
+                   "not record whether they had LoRA (results from before rkl recorded it, which ran it unmerged): "
+                   "re-evaluate them to compare like with like.")
+    return out
+
+
 def check_splits(results: dict[str, dict[str, Any]], stages: list[str]) -> list[str]:
     """All stages must be scored on the same held-out items: same data.split_hash and the same item counts."""
     if len(stages) < 2:
@@ -229,14 +261,18 @@ def check_noise(results: dict[str, dict[str, Any]], stages: list[str]) -> list[s
 def _build_rows(results: dict[str, dict[str, Any]], stages: list[str]) -> tuple[list[str], list[list[str]], int]:
     metrics = [m for m in KEY_METRICS if any(_metric(results[s], m) is not None for s in stages)]
     rows = [[m] + [format_metric(m, _metric(results[s], m)) for s in stages] for m in metrics]
+    states = [lora_state(results[s]) for s in stages]
+    if "merged" in states:  # the default (every adapter as trained) needs no row; a merged stage is named in the table
+        rows.insert(0, ["lora"] + [state or MISSING for state in states])
     deltas = [[f"Δ {m} vs {label}"] + [_delta_cell(results, m, s, ref) for s in stages]
               for m in DELTA_METRICS if m in metrics for ref, label in ((BASELINE, "baseline"), (VANILLA, "vanilla"))]
     # what refinement itself buys: K inner steps vs one pass, on the same corrupted chunks of the same stage
     deltas.append(["Δ restore_acc_k − restore_acc_1"] + [_delta_text(
         "restore_acc_k", _metric(results[s], "restore_acc_k"), _metric(results[s], "restore_acc_1"),
         _diff_se(results[s], results[s], "restore_acc_k", "restore_acc_1")) for s in stages])
+    n_metric_rows = len(rows)
     rows += [r for r in deltas if any(c not in (MISSING, "(ref)") for c in r[1:])]  # drop rows with nothing to say
-    return metrics, rows, len(metrics)
+    return metrics, rows, n_metric_rows
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -263,8 +299,9 @@ def _markdown(report: CompareReport, results: dict[str, dict[str, Any]], out_dir
         ck, split = (r.get("checkpoint") or {}).get("sha256"), (r.get("data") or {}).get("split_hash")
         counts = ", ".join(f"{k}={v}" for k, v in (r.get("counts") or {}).items())
         prov.append([s, r.get("created", MISSING), (ck or MISSING)[:12], (split or MISSING)[:12],
-                     r.get("device", MISSING), counts or MISSING, str(len(r.get("history") or []))])
-    parts += ["## Provenance\n", _md_table(["stage", "created", "checkpoint sha256", "split hash", "device",
+                     r.get("device", MISSING), lora_state(r) or MISSING, counts or MISSING,
+                     str(len(r.get("history") or []))])
+    parts += ["## Provenance\n", _md_table(["stage", "created", "checkpoint sha256", "split hash", "device", "LoRA",
                                             "counts", "earlier results"], prov), ""]
     if report.plots:
         parts.append("## Plots\n")
@@ -282,7 +319,8 @@ def compare(results: dict[str, dict[str, Any]], out_dir: Path, logs_dir: Path | 
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = order_stages(results)
     metrics, rows, n_metric_rows = _build_rows(results, stages)
-    warnings = check_exactness(results) + check_splits(results, stages) + check_noise(results, stages)
+    warnings = (check_exactness(results) + check_splits(results, stages) + check_lora(results, stages)
+                + check_noise(results, stages))
     report = CompareReport(stages, ["metric"] + stages, rows, n_metric_rows, warnings)
     if draw_plots:
         report.plots = (plot_metric_bars(results, stages, metrics, out_dir, BASELINE, VANILLA)

@@ -38,6 +38,7 @@ from rkl.errors import UserError
 from rkl.eval import generation, refinement, tasks
 from rkl.eval.results import make_result, save_result, sha256_file, sha256_json
 from rkl.model.kernels import kernel_record
+from rkl.model import merge
 from rkl.model.surgery import CONFIG_FILE, SIDECAR_FILE, SURGERY_FILE
 from rkl.paths import PHASE_STAGES, STAGE_CONFIGS, checkpoint_dir, eval_results_dir, logs_dir, stage_config_path
 from rkl.determinism import deterministic_record
@@ -97,10 +98,12 @@ def require_sidecar(config: RecursiveConfig, folder: Path | None) -> None:
                         "scored as if trained; pass --set recursive_enabled=false, or finish that stage's training")
 
 
-def load_for_eval(target: Path | str, config: RecursiveConfig, dtype: str | torch.dtype | None = None
-                  ) -> tuple[Any, Any, RecursiveConfig]:
+def load_for_eval(target: Path | str, config: RecursiveConfig, dtype: str | torch.dtype | None = None,
+                  merge_lora: bool = False) -> tuple[Any, Any, RecursiveConfig]:
     """(wrapper in eval mode, tokenizer, config) of a resolved target, on the GPU when there is one; UserError for a
-    folder without a tokenizer. What `rkl eval`, `rkl generate` and the lm-eval model all load through."""
+    folder without a tokenizer. What `rkl eval`, `rkl generate` and the lm-eval model all load through.
+    merge_lora: fold a phase B/C checkpoint's LoRA adapters into the base weights (rkl.model.merge; no-op without
+    LoRA)."""
     from rkl.model.surgery import load_model_with_config
 
     wrapper, tokenizer, config = load_model_with_config(target, config=config, dtype=dtype,
@@ -108,6 +111,8 @@ def load_for_eval(target: Path | str, config: RecursiveConfig, dtype: str | torc
     if tokenizer is None:
         raise UserError(f"{target} has no tokenizer: use a trained checkpoint folder "
                         "(`rkl train --phase pretrain` writes one)")
+    if merge_lora:
+        merge.merge_lora(wrapper.base)
     wrapper.eval()
     return wrapper, tokenizer, config
 
@@ -200,10 +205,11 @@ def log_tensorboard(stage: str, metrics: dict[str, float], committed: list[int],
 
 def run_eval(stage: str, model: str | None = None, config_path: str | Path | None = None,
              overrides: list[str] | None = None, chunk_width: int | None = None, limit: int | None = None,
-             dtype: str | None = None, *, results_dir: Path | None = None, log_dir: Path | None = None,
-             show_progress: bool = True) -> Path:
+             dtype: str | None = None, merge_lora: bool = False, *, results_dir: Path | None = None,
+             log_dir: Path | None = None, show_progress: bool = True) -> Path:
     """Evaluate one stage; returns the path of eval_results/<stage>.json (results_dir/log_dir override the
-    conventional eval_results/ and logs/eval/<stage>/)."""
+    conventional eval_results/ and logs/eval/<stage>/). merge_lora: score the stage with its LoRA adapters folded
+    into the base weights (faster; in bf16 rounded differently from the model as trained), recorded in the result."""
     from rkl.model.surgery import load_model_with_config
 
     if limit is not None and limit < 1:
@@ -218,7 +224,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     torch.manual_seed(config.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    wrapper, tokenizer, config = load_for_eval(target, config, dtype)
+    wrapper, tokenizer, config = load_for_eval(target, config, dtype, merge_lora=merge_lora)
     timings["load_s"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -268,8 +274,10 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     ckpt = checkpoint_record(target)
     timings["hash_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    # A length-generalisation run (--chunk-width) is its own result, never a silent replacement of the stage's.
-    name = f"{stage}_w{chunk_width}" if width_changed else stage
+    # A length-generalisation run (--chunk-width) or one with merged LoRA (--merge-lora) is its own result, never a
+    # silent replacement of the stage's.
+    lora = merge.lora_record(wrapper.base)
+    name = (f"{stage}_w{chunk_width}" if width_changed else stage) + ("_merged" if lora["lora_merged"] else "")
     result = make_result(
         name, metrics, counts=counts, stderr=stderr, config=config.to_dict(), checkpoint=ckpt, data=data,
         device=_device_name(threads), timings=timings, committed_lengths=extra.get("committed_lengths", []),
@@ -277,7 +285,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
         eval={"config_source": config_source, "limit": limit, "dtype": str(wrapper.base.dtype).replace("torch.", ""),
               "chunk_width": width, "max_inner_steps": config.max_inner_steps, "eval_seed": tasks.EVAL_SEED,
               "git_commit": git_commit(), "command": " ".join(sys.argv), "torch_threads": threads,
-              **deterministic_record(), **kernel_record()})
+              **deterministic_record(), **kernel_record(), **lora})
     path = save_result(result, Path(results_dir) if results_dir is not None else eval_results_dir())
     log_tensorboard(name, metrics, result["committed_lengths"],
                     Path(log_dir) if log_dir is not None else logs_dir() / "eval" / name, _training_step(folder))
