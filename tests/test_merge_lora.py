@@ -4,6 +4,7 @@ weight gives the unmerged model's logits, runs no side product afterwards, and i
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -128,3 +129,23 @@ def test_rkl_eval_records_the_merge_and_compare_shows_it(tiny_stages, tmp_path):
 def test_merge_lora_with_tasks_is_a_one_line_error():
     result = CliRunner().invoke(app, ["eval", "--stage", "phase_b", "--tasks", "arithmetic", "--merge-lora"])
     assert result.exit_code == 2 and "--merge-lora applies to the held-out evaluation only" in result.output
+
+
+def test_rkl_generate_merges_too_and_writes_the_unmerged_text(tiny_stages, tmp_path, monkeypatch):
+    """`rkl generate --merge-lora` generates from the merged model and, in float32, writes the same greedy text."""
+    from rich.console import Console
+
+    from rkl.generate_command import run_generate
+    from rkl.model import merge
+
+    records = []  # the LoRA state of each model generate loaded, taken where the eval path merges
+    monkeypatch.setattr(merge, "merge_lora", lambda base: records.append(merge_lora(base)) or records[-1])
+
+    folder = tmp_path / "phase_b"
+    shutil.copytree(tiny_stages / "phase_a", folder)
+    wrapper, _, config = load_model_with_config(folder)
+    save_base_changes(adapt(wrapper.base), config.replace(unfreeze_every=0), folder)
+    texts = {merge: run_generate("phase_b", ["1 + 2 ="], Console(file=io.StringIO()), model=str(folder),
+                                 max_new_tokens=12, merge_lora=merge) for merge in (False, True)}
+    assert records == [18]  # merged once: in the --merge-lora run, all 18 adapted layers
+    assert texts[True] == texts[False]

@@ -221,13 +221,14 @@ def generate(
     max_inner_steps: Annotated[Optional[int], typer.Option("--max-inner-steps", help="Inner steps K per chunk (default: the config's).")] = None,
     show_steps: Annotated[bool, typer.Option("--show-steps", help="Per chunk: the draft, the tokens each inner step changed, p_commit per step, what was committed.")] = False,
     dtype: DtypeOpt = None,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora/--no-merge-lora", help="Fold a phase B/C stage's LoRA adapters into the base weights first (as `rkl eval --merge-lora`); no-op without LoRA.")] = False,
 ) -> None:
     """Greedy generation from a stage (the same model and config `rkl eval` scores); prompts start with <eos>."""
     from rkl.generate_command import read_prompts, run_generate
 
     run_generate(stage, read_prompts(prompt, file), console, model=model, config_path=recursive_config,
                  overrides=set_ or [], max_new_tokens=max_new_tokens, chunk_width=chunk_width,
-                 max_inner_steps=max_inner_steps, dtype=dtype, show_steps=show_steps)
+                 max_inner_steps=max_inner_steps, dtype=dtype, show_steps=show_steps, merge_lora=merge_lora)
 
 
 @app.command()

@@ -89,7 +89,7 @@ def generate_one(model: StageModel, prompt: str, max_new_tokens: int) -> tuple[l
 def run_generate(stage: str, prompts: list[str], console: Console, model: str | None = None,
                  config_path: Path | None = None, overrides: list[str] | None = None, max_new_tokens: int = 64,
                  chunk_width: int | None = None, max_inner_steps: int | None = None, dtype: str | None = None,
-                 show_steps: bool = False) -> list[str]:
+                 show_steps: bool = False, merge_lora: bool = False) -> list[str]:
     """Generate each prompt, print it (and its trace), return the generated texts."""
     from rkl.eval.runner import cpu_threads
 
@@ -97,7 +97,7 @@ def run_generate(stage: str, prompts: list[str], console: Console, model: str | 
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     extra = [f"max_inner_steps={max_inner_steps}"] if max_inner_steps is not None else []
     loaded = load_stage_model(stage, model=model, config_path=config_path, overrides=list(overrides or []) + extra,
-                              chunk_width=chunk_width, dtype=dtype)
+                              chunk_width=chunk_width, dtype=dtype, merge_lora=merge_lora)
     cfg, tok = loaded.config, loaded.tokenizer
     if show_steps:
         what = (f"recursion on: W = {cfg.chunk_width}, K = {cfg.max_inner_steps}, commit threshold "
