@@ -25,8 +25,8 @@ from rkl.model.merge import merge_lora
 VARIANTS = ("unmerged", "merged", "no LoRA")
 
 
-def build(preset: str, dtype: str, variant: str, shape: dict) -> torch.nn.Module:
-    base, _ = load_base(preset, dtype=dtype)
+def build(preset: str, dtype: str, variant: str, shape: dict, device_map: str | None) -> torch.nn.Module:
+    base, _ = load_base(preset, dtype=dtype, device_map=device_map)
     if variant != "no LoRA":
         inject_lora(base, shape)
         g = torch.Generator().manual_seed(0)
@@ -64,7 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = {"rank": args.rank, "alpha": 2 * args.rank, "layers": "top_third", "experts": True}
-    models = {v: build(args.preset, args.dtype, v, shape) for v in VARIANTS}
+    device_map = "cuda" if torch.cuda.is_available() else None  # on the GPU where there is one, as rkl eval loads
+    models = {v: build(args.preset, args.dtype, v, shape, device_map) for v in VARIANTS}
     device = next(models["no LoRA"].parameters()).device
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, models["no LoRA"].config.vocab_size - 1, (1, args.prompt), generator=g).to(device)
