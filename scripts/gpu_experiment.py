@@ -12,6 +12,7 @@ step is saved); the vanilla control then gets the steps phases A and B actually 
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT
     . .whl/preamble.sh; python3 scripts/gpu_experiment.py --out $OUT --bundle --pretrain-s 125 --pretrain-steps 300 \
         --phase-a-s 130 --phase-a-steps 90 --phase-b-s 80 --phase-b-steps 50 --limit 150   # phases A and B, <10 min
+    ... --phase-b-s 80 --eval-merged   # also phase B with its LoRA merged (stage phase_b_merged), one eval more
     python3 scripts/gpu_experiment.py --out $OUT --more --phase-a-s 210   # later, on the same machine: train longer
     python scripts/gpu_experiment.py --preset tiny --pretrain-s 60 --phase-a-s 40 --phase-b-s 30 --limit 4 \
         --batch 4 --finetune-batch 4   # a check on the CPU
@@ -124,6 +125,9 @@ def main() -> None:
     ap.add_argument("--more", action="store_true",
                     help="continue an earlier run in --work instead of starting over: resume phase A for --phase-a-s "
                          "seconds, the vanilla control to phase A's new step count, evaluate both again, compare")
+    ap.add_argument("--eval-merged", action="store_true",
+                    help="also score phase B with its LoRA merged (rkl eval --merge-lora: stage phase_b_merged), whose "
+                         "plain decoding runs no adapter side product")
     ap.add_argument("--bundle", action="store_true",
                     help="put the results (all but compare.md) into one --out/results.tar.gz, for a device call that "
                          "brings back few files")
@@ -185,6 +189,10 @@ def main() -> None:
          "--set", "warmup_steps=30", "--set", "eval_interval=200", "--set", "save_interval=200", *data])
     for stage in (*stages, "finetuned_vanilla"):
         step(["eval", "--stage", stage, "--model", str(work / stage), "--limit", str(args.limit), *data])
+    if args.eval_merged and "phase_b" in stages:
+        step(["eval", "--stage", "phase_b", "--model", str(work / "phase_b"), "--limit", str(args.limit), *data,
+              "--merge-lora"])
+        stages.append("phase_b_merged")
     step(["compare", "baseline", "after_surgery", "finetuned_vanilla", *stages])
     ran = f"phase A ran {a_steps} steps" + (f", phase B {b_steps}" if b_steps else "")
     print(f"\n{ran}; whole experiment {time.perf_counter() - t0:.0f} s")
