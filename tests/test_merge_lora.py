@@ -126,9 +126,25 @@ def test_rkl_eval_records_the_merge_and_compare_shows_it(tiny_stages, tmp_path):
     assert not any("LoRA" in w for w in alike.warnings)
 
 
-def test_merge_lora_with_tasks_is_a_one_line_error():
-    result = CliRunner().invoke(app, ["eval", "--stage", "phase_b", "--tasks", "arithmetic", "--merge-lora"])
-    assert result.exit_code == 2 and "--merge-lora applies to the held-out evaluation only" in result.output
+def test_rkl_eval_tasks_merge_lora_saves_its_own_record(tiny_stages, tmp_path, monkeypatch):
+    """--tasks with --merge-lora scores the merged model and saves lm_eval/<stage>_merged.json, which says so; the
+    unmerged run's record stays."""
+    from rkl.paths import project_root
+
+    folder = tmp_path / "phase_b"
+    shutil.copytree(tiny_stages / "phase_a", folder)
+    wrapper, _, config = load_model_with_config(folder)
+    save_base_changes(adapt(wrapper.base), config.replace(unfreeze_every=0), folder)
+    (tmp_path / "configs").symlink_to(project_root() / "configs")
+    monkeypatch.chdir(tmp_path)
+    saved = {}
+    for flag, name in (("--no-merge-lora", "phase_b"), ("--merge-lora", "phase_b_merged")):
+        result = CliRunner().invoke(app, ["eval", "--stage", "phase_b", "--model", str(folder), "--tasks",
+                                          "arithmetic", "--limit", "2", flag])
+        assert result.exit_code == 0, result.output
+        saved[name] = json.loads((tmp_path / "eval_results" / "lm_eval" / f"{name}.json").read_text())
+    assert saved["phase_b"]["lora_merged"] is False and saved["phase_b_merged"]["lora_merged"] is True
+    assert saved["phase_b"]["lora_layers"] == saved["phase_b_merged"]["lora_layers"] == 18
 
 
 def test_rkl_generate_merges_too_and_writes_the_unmerged_text(tiny_stages, tmp_path, monkeypatch):

@@ -180,15 +180,12 @@ def eval_(
 
     refuse_unused(set_, "eval")
     set_deterministic(deterministic)
-    if tasks is not None and merge_lora:
-        # the lm-eval record has no field for it: its numbers would be indistinguishable from the unmerged model's
-        raise UserError("--merge-lora applies to the held-out evaluation only, not to --tasks")
     if tasks is not None:
         from rkl.eval.harness import results_table, run_tasks
 
         path, results = run_tasks(stage, tasks, model=model, config_path=recursive_config, overrides=set_ or [],
                                   chunk_width=chunk_width, limit=limit, dtype=dtype,
-                                  allow_code_execution=allow_code_execution)
+                                  allow_code_execution=allow_code_execution, merge_lora=merge_lora)
         print(results_table(results))
         console.print(f"[green]saved[/] {path}")
         return

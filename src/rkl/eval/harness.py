@@ -55,8 +55,9 @@ def task_manager(names: list[str]):
 def run_tasks(stage: str, tasks: str, model: str | None = None, config_path: str | Path | None = None,
               overrides: list[str] | None = None, chunk_width: int | None = None, limit: int | None = None,
               dtype: str | None = None, allow_code_execution: bool = False, results_dir: Path | None = None,
-              batch_size: int = TASK_BATCH) -> tuple[Path, dict[str, Any]]:
-    """Score a stage on lm-eval tasks; returns (path of the saved result, lm-eval's results dict)."""
+              batch_size: int = TASK_BATCH, merge_lora: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Score a stage on lm-eval tasks; returns (path of the saved result, lm-eval's results dict). merge_lora: with
+    its LoRA folded into the base weights (rkl.model.merge), saved as <stage>_merged.json, as `rkl eval` saves it."""
     try:
         from lm_eval import simple_evaluate
     except ImportError:
@@ -64,6 +65,7 @@ def run_tasks(stage: str, tasks: str, model: str | None = None, config_path: str
     from rkl.eval.harness_tasks import tasks_dir
     from rkl.eval.runner import cpu_threads
     from rkl.lm_eval_model import RklLM
+    from rkl.model.merge import lora_record
     from rkl.stage_model import load_stage_model
 
     if limit is not None and limit < 1:
@@ -75,7 +77,7 @@ def run_tasks(stage: str, tasks: str, model: str | None = None, config_path: str
     manager = task_manager(names)
     t0 = time.perf_counter()
     loaded = load_stage_model(stage, model=model, config_path=config_path, overrides=overrides,
-                              chunk_width=chunk_width, dtype=dtype)
+                              chunk_width=chunk_width, dtype=dtype, merge_lora=merge_lora)
     lm = RklLM(loaded=loaded, batch_size=batch_size)
     # rkl's json tasks name their data relative to the folder that holds tasks/
     with contextlib.chdir(tasks_dir().parent), cpu_threads(loaded.wrapper):
@@ -87,14 +89,15 @@ def run_tasks(stage: str, tasks: str, model: str | None = None, config_path: str
                 raise UserError(f"{', '.join(names)}: a task executes model-written code; pass "
                                 "--allow-code-execution to run it (README, \"ARC and HumanEval\")") from None
             raise
+    lora = lora_record(loaded.wrapper.base)
     record = {"stage": stage, "model": str(loaded.model), "config_source": loaded.config_source,
               "config": loaded.config.to_dict(), "tasks": names, "limit": limit, "batch_size": batch_size,
               "allow_code_execution": allow_code_execution, "command": " ".join(sys.argv),
-              "seconds": time.perf_counter() - t0,
+              "seconds": time.perf_counter() - t0, **lora,
               **{k: results[k] for k in ("results", "n-samples", "versions", "configs") if k in results}}
     out_dir = Path(results_dir) if results_dir is not None else eval_results_dir() / "lm_eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stage}.json"
+    path = out_dir / f"{stage}{'_merged' if lora['lora_merged'] else ''}.json"  # never over the unmerged result
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(path)
