@@ -39,6 +39,15 @@ def adapt(base: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
+def phase_b_folder(tiny_stages, tmp_path):
+    """A phase-B-like checkpoint: tiny_stages' phase_a (sidecar) plus random LoRA saved as phase B saves it."""
+    folder = tmp_path / "phase_b"
+    shutil.copytree(tiny_stages / "phase_a", folder)
+    wrapper, _, config = load_model_with_config(folder)
+    save_base_changes(adapt(wrapper.base), config.replace(unfreeze_every=0), folder)
+    return folder
+
+
 def expert_wrappers(base: torch.nn.Module) -> list:
     """peft's ParamWrappers of the routed experts: down_proj's (outer) and gate_up_proj's (inner) per MoE layer."""
     return [m for m in adapted_layers(base) if hasattr(m, "parameter_name")]
@@ -97,10 +106,7 @@ def test_merging_a_base_without_lora_changes_nothing():
 def test_rkl_eval_records_the_merge_and_compare_shows_it(tiny_stages, tmp_path):
     """A phase-B-like folder (phase_a's sidecar plus random LoRA) scored unmerged and merged: two results, each saying
     how it ran its LoRA, and compare naming both and warning that they differ in kind."""
-    folder = tmp_path / "phase_b"
-    shutil.copytree(tiny_stages / "phase_a", folder)
-    wrapper, _, config = load_model_with_config(folder)
-    save_base_changes(adapt(wrapper.base), config.replace(unfreeze_every=0), folder)
+    folder = phase_b_folder(tiny_stages, tmp_path)
     results = {}
     for merge in (False, True):
         path = run_eval("phase_b", model=str(folder), limit=4, merge_lora=merge, results_dir=tmp_path / "results",
@@ -131,10 +137,7 @@ def test_rkl_eval_tasks_merge_lora_saves_its_own_record(tiny_stages, tmp_path, m
     unmerged run's record stays."""
     from rkl.paths import project_root
 
-    folder = tmp_path / "phase_b"
-    shutil.copytree(tiny_stages / "phase_a", folder)
-    wrapper, _, config = load_model_with_config(folder)
-    save_base_changes(adapt(wrapper.base), config.replace(unfreeze_every=0), folder)
+    folder = phase_b_folder(tiny_stages, tmp_path)
     (tmp_path / "configs").symlink_to(project_root() / "configs")
     monkeypatch.chdir(tmp_path)
     saved = {}
@@ -157,10 +160,7 @@ def test_rkl_generate_merges_too_and_writes_the_unmerged_text(tiny_stages, tmp_p
     records = []  # the LoRA state of each model generate loaded, taken where the eval path merges
     monkeypatch.setattr(merge, "merge_lora", lambda base: records.append(merge_lora(base)) or records[-1])
 
-    folder = tmp_path / "phase_b"
-    shutil.copytree(tiny_stages / "phase_a", folder)
-    wrapper, _, config = load_model_with_config(folder)
-    save_base_changes(adapt(wrapper.base), config.replace(unfreeze_every=0), folder)
+    folder = phase_b_folder(tiny_stages, tmp_path)
     texts = {merge: run_generate("phase_b", ["1 + 2 ="], Console(file=io.StringIO()), model=str(folder),
                                  max_new_tokens=12, merge_lora=merge) for merge in (False, True)}
     assert records == [18]  # merged once: in the --merge-lora run, all 18 adapted layers

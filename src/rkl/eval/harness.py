@@ -65,7 +65,7 @@ def run_tasks(stage: str, tasks: str, model: str | None = None, config_path: str
     from rkl.eval.harness_tasks import tasks_dir
     from rkl.eval.runner import cpu_threads
     from rkl.lm_eval_model import RklLM
-    from rkl.model.merge import lora_record
+    from rkl.model.merge import lora_record, merged_name
     from rkl.stage_model import load_stage_model
 
     if limit is not None and limit < 1:
@@ -97,7 +97,7 @@ def run_tasks(stage: str, tasks: str, model: str | None = None, config_path: str
               **{k: results[k] for k in ("results", "n-samples", "versions", "configs") if k in results}}
     out_dir = Path(results_dir) if results_dir is not None else eval_results_dir() / "lm_eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stage}{'_merged' if lora['lora_merged'] else ''}.json"  # never over the unmerged result
+    path = out_dir / f"{merged_name(stage, lora)}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(path)

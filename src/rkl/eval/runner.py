@@ -277,7 +277,7 @@ def run_eval(stage: str, model: str | None = None, config_path: str | Path | Non
     # A length-generalisation run (--chunk-width) or one with merged LoRA (--merge-lora) is its own result, never a
     # silent replacement of the stage's.
     lora = merge.lora_record(wrapper.base)
-    name = (f"{stage}_w{chunk_width}" if width_changed else stage) + ("_merged" if lora["lora_merged"] else "")
+    name = merge.merged_name(f"{stage}_w{chunk_width}" if width_changed else stage, lora)
     result = make_result(
         name, metrics, counts=counts, stderr=stderr, config=config.to_dict(), checkpoint=ckpt, data=data,
         device=_device_name(threads), timings=timings, committed_lengths=extra.get("committed_lengths", []),

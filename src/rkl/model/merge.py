@@ -44,3 +44,9 @@ def lora_record(base: torch.nn.Module) -> dict:
     whether their adapters were folded into the base weights."""
     layers = adapted_layers(base)
     return {"lora_layers": len(layers), "lora_merged": bool(layers) and all(layer.merged for layer in layers)}
+
+
+def merged_name(name: str, record: dict) -> str:
+    """The name a result of `record` (lora_record's) is saved under: a merged run gets its own, so it never replaces
+    the stage's unmerged (as trained) result."""
+    return f"{name}_merged" if record["lora_merged"] else name
