@@ -47,11 +47,12 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def phase_a_task(base, args, batch: int, checkpointing: bool, walk_steps: int = 1) -> RefineTask:
+def phase_a_task(base, args, batch: int, checkpointing: bool, walk_steps: int = 1, graph: bool = True) -> RefineTask:
     # phase A as the stage file configures it (cell, draft/splice shares, edit margin), at the benchmark's shapes
     config = RecursiveConfig.from_file(stage_config_path("phase_a")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=batch, seq_len=args.prefix + args.width,
-        gradient_checkpointing=checkpointing, steps=1000, draft_walk_steps=walk_steps)
+        gradient_checkpointing=checkpointing, steps=1000, draft_walk_steps=walk_steps,
+        draft_walk_graph=graph)
     wrapper = ChunkRefineWrapper(base, config)
     device = next(base.parameters()).device
     wrapper.to(device)
@@ -93,7 +94,7 @@ def timed_sections(task: RefineTask, step: int) -> dict[str, float]:
         with torch.no_grad():
             snapshot, prev = w.prepare_prefix(prefix)
             mark("prefix pass (no grad)")
-            chunk = build_chunk(w, snapshot, prev, targets, modes, gen)
+            chunk = build_chunk(w, snapshot, prev, targets, modes, gen, decoder=task.decoder)
             mark(f"build chunk ({c.chunk_width - 1} decode steps)")
         result = w.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(valid), prefix_ids=prefix)
         mark(f"{c.max_inner_steps} inner steps (forward)")
@@ -158,33 +159,36 @@ def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
-def walk_comparison(base, args) -> dict[int, tuple[float, float, float]]:
-    """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps, over the steps of
-    one group (8 steps for 1, whose steps all cost the same): each setting runs them twice, and the second pass,
-    which meets no new shape, is timed. Every step is held at the prefix length of step 0 (each group's first), so
-    all see the same shapes."""
-    groups = [int(g) for g in args.walk_steps.split(",")]
+def walk_comparison(base, args) -> dict[tuple[int, bool], tuple[float, float, float]]:
+    """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps (and with
+    --compare-graph each eagerly and with the CUDA-graphed walk), over the steps of one group (8 steps for 1, whose
+    steps all cost the same): each setting runs them twice, and the second pass, which meets no new shape, is timed.
+    Every step is held at the prefix length of step 0 (each group's first), so all see the same shapes."""
+    groups = [int(g) for g in args.walk_steps.split(",")] if args.walk_steps else []
+    graphs = (False, True) if args.compare_graph else (True,)
     rows = {}
     for g in [1, *groups]:
-        task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g)
-        if g == 1:
-            drawn = task.micro_batch
-            group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
-            task.micro_batch = lambda step, micro, prefix_len=None: drawn(step, micro, group_prefix)
-        n = g if g > 1 else 8
-        for timed in (False, True):
-            if timed and task.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            runs = [loop_step(task, s) for s in range(n)]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
-        secs = sum(s for s, _ in runs)
-        rows[g] = (secs / n, sum(t for _, t in runs) / secs, peak)
-        say(f"  draft_walk_steps {g}: {rows[g][0]:.3f} s/step over {n} steps")
-        task.wrapper.remove_hooks()
-        del task
-    say("\n| draft_walk_steps | s/step | tokens/s | tokens/s / draft_walk_steps 1's | peak |\n|---|---|---|---|---|")
-    for g, (s, tps, peak) in rows.items():
-        say(f"| {g} | {s:.3f} | {tps:,.0f} | {tps / rows[1][1]:.2f}x | {peak:.1f} GiB |")
+        for graph in graphs:
+            task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph)
+            if g == 1:
+                drawn = task.micro_batch
+                group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
+                task.micro_batch = lambda step, micro, prefix_len=None, drawn=drawn, p=group_prefix: drawn(step, micro, p)
+            n = g if g > 1 else 8
+            for timed in (False, True):
+                if timed and task.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                runs = [loop_step(task, s) for s in range(n)]
+            peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
+            secs = sum(s for s, _ in runs)
+            rows[g, task.draft_walk] = (secs / n, sum(t for _, t in runs) / secs, peak)
+            say(f"  draft_walk_steps {g}, {task.draft_walk} walk: {secs / n:.3f} s/step over {n} steps")
+            task.wrapper.remove_hooks()
+            del task
+    first = next(iter(rows.values()))
+    say("\n| draft_walk_steps | walk | s/step | tokens/s | ratio | peak |\n|---|---|---|---|---|---|")
+    for (g, walk), (s, tps, peak) in rows.items():
+        say(f"| {g} | {walk} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | {peak:.1f} GiB |")
     return rows
 
 
@@ -265,6 +269,8 @@ def main() -> None:
     ap.add_argument("--loop", action="store_true", help="also time the step as the training loop runs it")
     ap.add_argument("--walk-steps", default="",
                     help="comma-separated draft_walk_steps to compare with 1, the step as the training loop runs it")
+    ap.add_argument("--compare-graph", action="store_true",
+                    help="time each draft_walk_steps setting with the eager and the CUDA-graphed walk")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
     ap.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN's attention (rkl does not)")
     args = ap.parse_args()
@@ -297,11 +303,11 @@ def main() -> None:
             no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
             say(f"phase A / vanilla tokens/s = {t_van / total:.2f}; phase A without the drafting walk: "
                 f"{tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
-    if args.walk_steps:
+    if args.walk_steps or args.compare_graph:
         rows = walk_comparison(base, args)
         if not args.no_vanilla:
-            for steps, (_, tps, _) in rows.items():
-                say(f"phase A at draft_walk_steps {steps} / vanilla tokens/s = {tps / (tokens / t_van):.2f}")
+            for (steps, walk), (_, tps, _) in rows.items():
+                say(f"phase A at draft_walk_steps {steps}, {walk} walk / vanilla tokens/s = {tps / (tokens / t_van):.2f}")
     if args.batches:
         for ckpt in (True, False):
             say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")

@@ -15,6 +15,7 @@ import torch
 
 from rkl.data.chunks import GREEDY, SAMPLE
 from rkl.model.cache import restore_cache
+from rkl.model.static_decode import StaticDecoder
 
 
 @dataclass
@@ -40,20 +41,23 @@ class Noise:
 
 @torch.no_grad()
 def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets: torch.Tensor, modes: torch.Tensor,
-                generator: torch.Generator | None = None, noise: list[Noise] | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, noise: list[Noise] | None = None,
+                decoder: StaticDecoder | None = None) -> torch.Tensor:
     """[B, W] chunk: targets where modes is TRUE, the base's greedy token where GREEDY, a sample where SAMPLE.
 
     prev_logits [B, V]: the base's logits at the last prefix position. Samples use the Gumbel-max trick with noise
     from `generator` (CPU), so a chunk is a pure function of (weights, prefix, targets at TRUE positions, seed).
     noise: instead of `generator`, the sources of the rows in order (see Noise): a slice of a global batch (data
     parallel), or several batches walked together (RefineTask's draft_walk_steps).
+    decoder: run the decode steps through this static-cache decoder (a CUDA graph on a GPU) instead of eagerly.
     """
     base = wrapper.base
     b, w = targets.shape
     dev = targets.device
-    cache, p = restore_cache(snapshot), snapshot.seq_length
+    p = snapshot.seq_length
     if p is None:
         raise ValueError("build_chunk needs a snapshot that records its prefix length")
+    decode = decoder.start(snapshot) if decoder is not None else _eager_steps(base, snapshot, b, dev)
     sources = noise if noise is not None else [Noise(generator, modes.cpu())]
     if sum(src.count() for src in sources) != b:
         raise ValueError(f"the noise sources cover {sum(src.count() for src in sources)} rows, the chunk has {b}")
@@ -72,7 +76,17 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
         tok = torch.where((modes[:, j] == GREEDY) | sampling[:, j], pick, targets[:, j])
         toks.append(tok)
         if j + 1 < w:
-            pos = torch.full((b, 1), p + j, dtype=torch.long, device=dev)
-            logits = base(input_ids=tok[:, None], position_ids=pos, past_key_values=cache,
-                          use_cache=True).logits[:, -1].float()
+            logits = decode(tok, p + j).float()
     return torch.stack(toks, 1)
+
+
+def _eager_steps(base: Any, snapshot: Any, rows: int, dev: torch.device):
+    """step(tokens [B], position) -> next-token logits [B, V]: the base's cached decode step on a copy of the
+    snapshot's cache (what generate runs)."""
+    cache = restore_cache(snapshot)
+
+    def step(tok: torch.Tensor, position: int) -> torch.Tensor:
+        pos = torch.full((rows, 1), position, dtype=torch.long, device=dev)
+        return base(input_ids=tok[:, None], position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    return step

@@ -23,6 +23,7 @@ from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import Noise, build_chunk
+from rkl.model.static_decode import StaticDecoder
 from rkl.model.weights import SafetensorsStream
 from rkl.model.adapters import UNFROZEN_FILE, apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
@@ -58,6 +59,12 @@ class RefineTask:
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
         self.walked: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (step, micro) -> drafted() of its group
+        # A graph replays what its capture ran, so only a base that nothing changes inside a walk gets one: frozen
+        # (no LoRA, no unfrozen layers) and unsharded (FSDP all-gathers a layer in Python hooks).
+        frozen = not self.lora_params and not self.unfrozen and not any(is_sharded(p) for p in base.parameters())
+        self.decoder = (StaticDecoder(base, config.seq_len)
+                        if config.draft_walk_graph and frozen and device.type == "cuda" else None)
+        self.draft_walk = "cuda_graph" if self.decoder is not None else "eager"
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
             # was resumed from), so a resumed phase C continues exactly and drift includes phase B's LoRA.
@@ -138,7 +145,8 @@ class RefineTask:
             noise = [Noise(gen, g_modes, mine) for _, g_modes, gen, mine, *_ in parts]
             with torch.no_grad():
                 snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
-                chunks = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, noise=noise)
+                chunks = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, noise=noise,
+                                     decoder=self.decoder)
             del snapshot
             self.walked = {k: (prefix_len, chunk) for k, chunk in zip(members, chunks.split(c.batch_size))}
         return self.walked.pop(key)
@@ -162,7 +170,8 @@ class RefineTask:
         with torch.no_grad():
             snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
             if chunk_in is None:
-                chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, noise=noise)
+                chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, noise=noise,
+                                       decoder=self.decoder)
             chunk_in = chunk_in.to(self.device)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
@@ -186,7 +195,7 @@ class RefineTask:
         modes = torch.cat([m for _, m, _ in kinds]).to(self.device)
         snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
         chunks = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes,
-                             noise=[Noise(gen, m) for _, m, gen in kinds])
+                             noise=[Noise(gen, m) for _, m, gen in kinds], decoder=self.decoder)
         return list(chunks.split(batch.prefix_ids.shape[0]))
 
     @torch.no_grad()
@@ -325,6 +334,7 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
         meta["fsdp"] = sharding
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
                       base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))
+    meta["draft_walk"] = task.draft_walk
     del pretrained  # the task keeps what it needs (reference tensors, reference generations)
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)

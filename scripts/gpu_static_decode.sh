@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the device machine: . .whl/preamble.sh; bash scripts/gpu_static_decode.sh   (files land in $OUT)
+# The draft walk eager vs CUDA-graphed (rkl.model.static_decode), small preset: the walk alone at several row counts
+# (scripts/bench_static_decode.py: time, capture cost, logit difference, identical drafts), then phase A's step as the
+# training loop runs it with each walk, at draft_walk_steps 1 and $G, beside the vanilla fine-tune at the same batch
+# (scripts/bench_phase_a.py --compare-graph). Parts run one after another with time limits (fla compiles on first use).
+set -uo pipefail
+O=${OUT:-/tmp/rkl_static_decode}; S=/tmp/rkl_parts; rm -rf "$S"; mkdir -p "$O" "$S"
+. scripts/gpu_parts.sh
+restore_triton_cache
+DEADLINE=${DEADLINE:-560}
+PRESET=${PRESET:-small}
+PARTS=" ${PARTS:-walk phase_a} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
+want walk && part walk ${WALK_LIMIT:-300} python3 scripts/bench_static_decode.py --preset "$PRESET" --prefix 1024 \
+  --width 64 --rows "${ROWS:-8,64,256}" --repeats 3
+want phase_a && part phase_a ${PHASE_A_LIMIT:-300} python3 scripts/bench_phase_a.py --preset "$PRESET" --batch 8 \
+  --prefix 1024 --width 64 --k 4 --repeats 3 --no-sections --compare-graph --walk-steps "${G:-8}"
+save_triton_cache "$O"
+for f in "$S"/*.txt; do echo "=== $f"; cat "$f"; done > "$O/log.txt"
+echo; cat "$S/summary.txt"
+for f in "$S"/walk.txt "$S"/phase_a.txt; do
+  [ -f "$f" ] && { echo "== $(basename "$f" .txt)"; grep -E "^\||parameters|walk|vanilla|rror|Error" "$f" | tail -24; }; done

@@ -1,0 +1,152 @@
+"""The draft walk's decode step over a static cache, replayed as one CUDA graph on a GPU.
+
+Why: the draft walk (rkl.model.drafts.build_chunk) is W - 1 cached single-token decode steps of the base, and on a
+GPU each step costs its kernel launches, not its arithmetic: profiled on one H200 (small preset, 2026-12-04,
+docs/benchmarks.md), 1,181 launches and 30-48 ms of wall time per step for 6-11 ms of GPU work. A CUDA graph
+replays all of a step's kernels with one launch.
+
+A graph replays fixed addresses and cannot wait on the host, so every tensor the step touches must live in one place
+for the whole walk:
+- KDA layers: transformers' `LinearAttentionLayer` already updates its conv and recurrent states in place (it does
+  so for CUDA graphs); the decoder keeps one such layer per KDA layer and copies each walk's snapshot into it.
+- MLA layers: transformers' `StaticLayer`, keys and values preallocated for `max_len` tokens and written at a
+  device-side counter; a walk copies its prefix's latents in and sets the counter to the prefix length.
+- the attention mask: built inside the step from a device-side position (key index <= the position being
+  written) and handed to the model as transformers' per-layer-type mask dict, so no host-side mask logic runs.
+One graph per (rows, autocast dtype), all at `max_len` (phase A's seq_len: a prefix and its chunk never exceed
+it). Starting a walk costs a few device copies (the KDA states and the prefix latents), none per token.
+
+Numerics: attention runs over all `max_len` keys with those past the current position masked, where the eager walk
+runs over exactly prefix + j keys, so on a GPU the logits can differ from the eager walk's in the last bits (bf16)
+and a greedy draft can differ where two logits tie to that precision. The agreement is measured
+(scripts/bench_static_decode.py, docs/benchmarks.md). On a CPU there is no graph: the same static-cache step runs
+eagerly, and tests compare it with the eager walk.
+
+Only for a base that does not change inside a walk's Python control flow: phase A's frozen, unsharded base. A graph
+bakes in what its capture ran: FSDP's all-gathers (hooks that allocate and communicate) and peft's dropout cannot
+be replayed as captured, so rkl.train.refine_phases walks eagerly there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticLayer
+
+from rkl.model.cache import CacheSnapshot, restore_cache
+
+
+@dataclass
+class _Slot:
+    """Everything one graph reads and writes, at fixed addresses."""
+
+    cache: Any  # a DynamicCache whose MLA layers are StaticLayers
+    input_ids: torch.Tensor  # [B, 1]
+    position: torch.Tensor  # [] long: the position being written this step
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # [B, V]: the captured step's output (the graph overwrites it each replay)
+
+
+class StaticDecoder:
+    """`start(snapshot)` loads a cache snapshot into static buffers and returns `step(tokens [B], position) -> logits
+    [B, V]`: the base's next-token logits after feeding `tokens` at `position` (prefix length, then +1 per step).
+    The logits are the graph's output buffer: use them before the next step. graph: capture CUDA graphs (default:
+    on a CUDA device); False runs the same static-cache step eagerly."""
+
+    def __init__(self, base: torch.nn.Module, max_len: int, graph: bool | None = None) -> None:
+        self.base = base
+        self.max_len = max_len
+        self.device = next(base.parameters()).device
+        self.graph = self.device.type == "cuda" if graph is None else graph
+        self.slots: dict[tuple, _Slot] = {}
+        self.keys = torch.arange(max_len, device=self.device)
+        self.captures = 0  # graphs captured so far (a benchmark reports it)
+
+    def start(self, snapshot: CacheSnapshot) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        prefix = snapshot.seq_length
+        if prefix is None or prefix >= self.max_len:
+            raise ValueError(f"a static walk needs a snapshot with a prefix length below max_len {self.max_len}, "
+                             f"got {prefix}")
+        rows = snapshot.batch_size
+        autocast = (torch.is_autocast_enabled(self.device.type),
+                    torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None)
+        key = (rows, *autocast)
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self._new_slot(snapshot)
+            self._load(slot, snapshot)
+            if self.graph:
+                self._capture(slot, snapshot)
+            self.slots[key] = slot
+        else:
+            self._load(slot, snapshot)
+        expected = [prefix]
+
+        def step(tokens: torch.Tensor, position: int) -> torch.Tensor:
+            if position != expected[0] or position >= self.max_len:
+                raise ValueError(f"static decode steps go one position at a time from the prefix up to max_len "
+                                 f"{self.max_len}: expected {expected[0]}, got {position}")
+            expected[0] += 1
+            slot.input_ids.copy_(tokens.view(-1, 1))
+            slot.position.fill_(position)
+            if slot.graph is not None:
+                slot.graph.replay()
+                return slot.logits
+            return self._forward(slot)
+
+        return step
+
+    # -------------------------------------------------------------------------------------------- internals
+    def _new_slot(self, snapshot: CacheSnapshot) -> _Slot:
+        cache = restore_cache(snapshot)  # plain KDA layers (in-place updates), cloned: this slot's own tensors
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                continue
+            static = StaticLayer(max_cache_len=self.max_len)
+            static.lazy_initialization(layer.keys, layer.values)  # zeros: masked keys must stay finite
+            cache.layers[i] = static
+        rows = snapshot.batch_size
+        return _Slot(cache=cache, input_ids=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+                     position=torch.zeros((), dtype=torch.long, device=self.device))
+
+    @staticmethod
+    def _load(slot: _Slot, snapshot: CacheSnapshot) -> None:
+        """Copy the snapshot into the slot's tensors (their addresses stay)."""
+        for layer, (_, attrs) in zip(slot.cache.layers, snapshot.layers):
+            if isinstance(layer, StaticLayer):
+                p = attrs["keys"].shape[-2]
+                layer.keys[:, :, :p].copy_(attrs["keys"])
+                layer.values[:, :, :p].copy_(attrs["values"])
+                layer.cumulative_length.fill_(p)
+            else:
+                for name in ("conv_states", "recurrent_states"):
+                    stored = getattr(layer, name)
+                    for k, t in attrs[name].items():
+                        stored[k].copy_(t)
+
+    def _forward(self, slot: _Slot) -> torch.Tensor:
+        rows = slot.input_ids.shape[0]
+        visible = (self.keys <= slot.position).view(1, 1, 1, -1).expand(rows, 1, 1, -1)
+        out = self.base(input_ids=slot.input_ids, position_ids=slot.position.expand(rows, 1),
+                        past_key_values=slot.cache, use_cache=True,
+                        attention_mask={"full_attention": visible, "linear_attention": None})
+        return out.logits[:, -1]
+
+    def _capture(self, slot: _Slot, snapshot: CacheSnapshot) -> None:
+        """Warm up on a side stream (kernel autotuning, cuBLAS workspaces), restore the state the warm-up advanced,
+        then capture one step. Capturing runs no kernel, so the slot holds the snapshot afterwards."""
+        prefix = snapshot.seq_length
+        slot.position.fill_(prefix)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(slot)
+        torch.cuda.current_stream().wait_stream(side)
+        self._load(slot, snapshot)
+        slot.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(slot.graph):
+            slot.logits = self._forward(slot)
+        self.captures += 1
