@@ -1,0 +1,106 @@
+"""The draft walk over a static cache (rkl.model.static_decode): the same logits and drafts as the eager walk, walk
+after walk from other prefixes, and phase A uses it only where a CUDA graph can replay it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rkl import ChunkRefineWrapper, RecursiveConfig
+from rkl.data.chunks import GREEDY
+from rkl.model.base import build_preset
+from rkl.model.drafts import _eager_steps, build_chunk
+from rkl.model.static_decode import StaticDecoder
+from rkl.train.refine_phases import RefineTask
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = build_preset("tiny", dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def walk_logits(step, tokens: torch.Tensor, start: int) -> list[torch.Tensor]:
+    """Feed `tokens` [B, n] one position at a time from `start`; the logits after each."""
+    return [step(tokens[:, j], start + j).clone() for j in range(tokens.shape[1])]
+
+
+@torch.no_grad()
+def test_static_walk_matches_the_eager_walk_from_each_new_prefix(base):
+    """Three walks through one decoder, the second from a SHORTER prefix than the first (keys the first walk wrote
+    past it must stay invisible) and with another batch's KDA states: every step's logits equal the eager walk's to
+    float32 rounding, and the greedy drafts are identical. Broken on purpose, this fails: with the KDA states not
+    reloaded, with a mask that hides the position being written, with one that shows every key."""
+    wrapper = ChunkRefineWrapper(base, None)
+    gen = torch.Generator().manual_seed(0)
+    decoder = StaticDecoder(base, max_len=40)
+    width, rows = 6, 3
+    for prefix_len in (21, 9, 30):
+        ids = torch.randint(3, base.config.vocab_size, (rows, prefix_len), generator=gen)
+        snapshot, prev = wrapper.prepare_prefix(ids)
+        fed = torch.randint(3, base.config.vocab_size, (rows, width), generator=gen)
+        eager = walk_logits(_eager_steps(base, snapshot, rows, ids.device), fed, prefix_len)
+        static = walk_logits(decoder.start(snapshot), fed, prefix_len)
+        for e, s in zip(eager, static):
+            torch.testing.assert_close(s, e, rtol=0, atol=1e-5)
+        modes = torch.full((rows, width), GREEDY)
+        targets = torch.zeros(rows, width, dtype=torch.long)
+        assert torch.equal(build_chunk(wrapper, snapshot, prev, targets, modes, decoder=decoder),
+                           build_chunk(wrapper, snapshot, prev, targets, modes))
+    assert decoder.captures == 0 and len(decoder.slots) == 1  # a CPU runs the step eagerly: no graph, one slot
+
+
+@torch.no_grad()
+def test_static_walk_refuses_a_skipped_position_and_the_end_of_its_buffers(base):
+    wrapper = ChunkRefineWrapper(base, None)
+    ids = torch.randint(3, base.config.vocab_size, (2, 7))
+    snapshot, _ = wrapper.prepare_prefix(ids)
+    step = StaticDecoder(base, max_len=9).start(snapshot)
+    tok = torch.tensor([5, 6])
+    with pytest.raises(ValueError, match="expected 7, got 8"):
+        step(tok, 8)
+    step(tok, 7)
+    step(tok, 8)
+    with pytest.raises(ValueError, match="max_len 9"):
+        step(tok, 9)
+    with pytest.raises(ValueError, match="below max_len 7"):
+        StaticDecoder(base, max_len=7).start(snapshot)
+
+
+@pytest.mark.parametrize("setting, walk", [({}, "cuda_graph"), ({"draft_walk_graph": False}, "eager"),
+                                           ({"lora_rank": 4}, "eager")])
+def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_base(base, setting, walk):
+    """On a CUDA device phase A's frozen base gets the graphed walk; off by config, or with LoRA (whose dropout and
+    training a captured graph could not follow), it walks eagerly; on a CPU always eagerly."""
+    config = RecursiveConfig(chunk_width=4, max_inner_steps=2, d_state=16, gate_hidden=16, seq_len=20, **setting)
+    stream = torch.arange(3, 300)
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    for device, expected in ((torch.device("cuda"), walk), (torch.device("cpu"), "eager")):
+        model = build_preset("tiny", dtype=torch.float32)
+        wrapper = ChunkRefineWrapper(model, config)
+        task = RefineTask(wrapper, tokenizer, config, stream, stream, device, "a", {})
+        assert task.draft_walk == expected
+        assert (task.decoder is not None) == (expected == "cuda_graph")
+        wrapper.remove_hooks()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_static_decode.sh runs it)")
+@torch.no_grad()
+def test_graph_replay_equals_the_static_step_run_eagerly():
+    """On a GPU: the graphed walk gives bitwise the logits of the same static-cache step run without a graph, from
+    two prefixes in turn (the graph reads each walk's state, not the capture's)."""
+    model = build_preset("tiny", dtype=torch.bfloat16, device_map="cuda")
+    wrapper = ChunkRefineWrapper(model, None)
+    graphed, plain = StaticDecoder(model, 48), StaticDecoder(model, 48, graph=False)
+    gen = torch.Generator().manual_seed(0)
+    for prefix_len in (30, 12):
+        ids = torch.randint(3, model.config.vocab_size, (4, prefix_len), generator=gen).cuda()
+        snapshot, _ = wrapper.prepare_prefix(ids)
+        fed = torch.randint(3, model.config.vocab_size, (4, 8), generator=gen).cuda()
+        for a, b in zip(walk_logits(graphed.start(snapshot), fed, prefix_len),
+                        walk_logits(plain.start(snapshot), fed, prefix_len)):
+            assert torch.equal(a, b)
+    assert graphed.captures == 1
