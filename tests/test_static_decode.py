@@ -18,7 +18,7 @@ from rkl.train.refine_phases import RefineTask
 
 @pytest.fixture(scope="module")
 def base():
-    model = build_preset("tiny", dtype=torch.float32)
+    model = build_preset("tiny", dtype=torch.float32, device_map="cpu")
     model.eval()
     return model
 
@@ -79,7 +79,7 @@ def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_base(base, setting, w
     stream = torch.arange(3, 300)
     tokenizer = SimpleNamespace(eos_token_id=2)
     for device, expected in ((torch.device("cuda"), walk), (torch.device("cpu"), "eager")):
-        model = build_preset("tiny", dtype=torch.float32)
+        model = build_preset("tiny", dtype=torch.float32, device_map="cpu")
         wrapper = ChunkRefineWrapper(model, config)
         task = RefineTask(wrapper, tokenizer, config, stream, stream, device, "a", {})
         assert task.draft_walk == expected
