@@ -3,7 +3,7 @@
 # The draft walk eager vs CUDA-graphed (rkl.model.static_decode), small preset: the walk alone at several row counts
 # (scripts/bench_static_decode.py: time, capture cost, logit difference, identical drafts), then phase A's step as the
 # training loop runs it with each walk, at draft_walk_steps 1 and $G, beside the vanilla fine-tune at the same batch
-# (scripts/bench_phase_a.py --compare-graph). The pytest part needs `../shared/gpu/fetch-wheels.sh pytest iniconfig pluggy
+# (scripts/bench_phase_a.py --compare-graph), then at batch 32 with the graphed walk. The pytest part needs `../shared/gpu/fetch-wheels.sh pytest iniconfig pluggy
 # packaging` once. Parts run one after another with time limits (fla compiles on first use).
 set -uo pipefail
 O=${OUT:-/tmp/rkl_static_decode}; S=/tmp/rkl_parts; rm -rf "$S"; mkdir -p "$O" "$S"
@@ -11,7 +11,7 @@ O=${OUT:-/tmp/rkl_static_decode}; S=/tmp/rkl_parts; rm -rf "$S"; mkdir -p "$O" "
 restore_triton_cache
 DEADLINE=${DEADLINE:-560}
 PRESET=${PRESET:-small}
-PARTS=" ${PARTS:-test walk phase_a} "
+PARTS=" ${PARTS:-test walk phase_a phase_a_b32} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 # the GPU-only test (graph replay == the static step run eagerly, bitwise; the CPU tests need a machine without
 # triton); needs pytest among the carried wheels
@@ -20,8 +20,11 @@ want walk && part walk ${WALK_LIMIT:-300} python3 scripts/bench_static_decode.py
   --width 64 --rows "${ROWS:-8,64,256}" --repeats 3
 want phase_a && part phase_a ${PHASE_A_LIMIT:-300} python3 scripts/bench_phase_a.py --preset "$PRESET" --batch 8 \
   --prefix 1024 --width 64 --k 4 --repeats 3 --no-sections --compare-graph --walk-steps "${G:-8}"
+# at batch 32 the chunk passes carry 4x the tokens for the same launches: how much of the gap to vanilla is launches
+want phase_a_b32 && part phase_a_b32 ${PHASE_A_LIMIT:-300} python3 scripts/bench_phase_a.py --preset "$PRESET" \
+  --batch 32 --prefix 1024 --width 64 --k 4 --repeats 2 --no-sections --walk-steps "${G:-8}"
 save_triton_cache "$O"
 for f in "$S"/*.txt; do echo "=== $f"; cat "$f"; done > "$O/log.txt"
 echo; cat "$S/summary.txt"
-for f in "$S"/test.txt "$S"/walk.txt "$S"/phase_a.txt; do
+for f in "$S"/test.txt "$S"/walk.txt "$S"/phase_a.txt "$S"/phase_a_b32.txt; do
   [ -f "$f" ] && { echo "== $(basename "$f" .txt)"; grep -E "^\||parameters|walk|vanilla|rror|passed|failed|skipped" "$f" | tail -24; }; done
