@@ -344,3 +344,65 @@ def test_a_sharded_save_holds_one_part_of_the_optimizer_state_at_a_time(tmp_path
     assert runs["parts"]["parts"] == 8 and runs["whole"]["parts"] == 1, runs
     assert runs["whole"]["grown_mib"] > 240, runs  # the measurement sees a whole state
     assert runs["parts"]["grown_mib"] < 96, runs  # measured: 48.6 MiB with parts of 32 MiB, 272 MiB whole
+
+
+SHARDED_LOAD = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rkl.config import RecursiveConfig
+from rkl.model import base as base_module, weights
+from rkl.model.base import load_base
+from rkl.model.surgery import find_base, load_model_with_config
+from rkl.train import refine_phases, sharding
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+reads = []
+if rank != 0:  # a receiving process must read no weight: every reader records the call and fails
+    def refuse(*args, **kwargs):
+        reads.append(args[:1])
+        raise AssertionError("a receiving process read a weight file")
+    base_module.KimiLinearForCausalLM.from_pretrained = refuse
+    weights.load_file = refuse
+source = Path(sys.argv[1])
+config = RecursiveConfig.from_file(source / "recursive_config.json").replace(lora_rank=4, unfreeze_every=2)
+mesh = sharding.device_mesh(2, torch.device("cpu"))
+wrapper, _, pretrained, info = refine_phases.load_phase_models(str(source), config, None, find_base(source),
+                                                               torch.device("cpu"), mesh, barrier=sharding.turn_barrier())
+whole = {k: sharding.full_tensor(v, True) for k, v in wrapper.state_dict().items()}  # collective: both shards
+whole_pretrained = {k: sharding.full_tensor(v, True) for k, v in pretrained.state_dict().items()}
+mine = [{k: v for k, v in wrapper.state_dict().items() if not sharding.is_sharded(v)}]  # the replicated tensors
+first = [mine[0] if rank == 0 else None]
+dist.broadcast_object_list(first, src=0)
+assert all(torch.equal(mine[0][k], first[0][k]) for k in first[0]) and mine[0].keys() == first[0].keys()
+if rank == 0:  # what the first process read, loaded again without sharding: the gathered shards hold exactly it
+    plain, _, _ = load_model_with_config(str(source), config=config)
+    expected = plain.state_dict()
+    got = {k.replace(".base_layer", ""): v for k, v in whole.items() if "lora_" not in k}  # LoRA wraps a layer
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items()), "base differs"
+    fresh, _ = load_base(find_base(source)["base"])
+    assert all(torch.equal(whole_pretrained[k], v) for k, v in fresh.state_dict().items()), "pretrained differs"
+    assert any(".lora_A." in k for k in whole) and any(sharding.is_sharded(p) for p in pretrained.parameters())
+    print("loaded by", info["loaded_by"])
+print("sharded load ok", rank, len(reads))
+"""
+
+
+def test_with_fsdp_only_the_first_process_reads_the_checkpoint(tiny_stages, tmp_path):
+    """Phase C's models under FSDP on 2 gloo processes: the second process reads no weight file (its readers fail
+    if called) and builds the structure on the meta device; afterwards every replicated tensor equals the first
+    process's, and the sharded layers, gathered, equal the checkpoint loaded whole (the pretrained copy too). Broken
+    on purpose (no broadcast: the second process keeps uninitialised shards), this fails."""
+    script = tmp_path / "sharded_load.py"
+    script.write_text(SHARDED_LOAD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tiny_stages / "phase_a")], env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr[-3000:]
+    assert done.returncode == 0, out
+    assert "sharded load ok 0 0" in done.stdout and "sharded load ok 1 0" in done.stdout, out
+    assert "loaded by the first process" in done.stdout, out

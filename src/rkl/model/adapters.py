@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from rkl.config import RecursiveConfig
 from rkl.errors import UserError
 from rkl.model import expert_lora
-from rkl.model.weights import read_safetensors
+from rkl.model.weights import read_safetensors, safetensors_keys
 
 LORA_FILE = "lora.safetensors"
 UNFROZEN_FILE = "unfrozen.safetensors"
@@ -201,8 +201,11 @@ def save_base_changes(base: torch.nn.Module, config: RecursiveConfig, out_dir: P
 
 
 def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Path) -> None:
-    """Re-apply what a phase-B/C checkpoint changed in the base (no-op for other checkpoints)."""
+    """Re-apply what a phase-B/C checkpoint changed in the base (no-op for other checkpoints). On a meta-device base
+    (a skeleton that rkl.train.sharding fills by broadcast) only the structure: adapters injected, unfrozen layers
+    float32, no value read."""
     folder = Path(folder)
+    skeleton = next(base.parameters()).is_meta
     # LoRA first: an unfrozen layer of phase C was saved with LoRA injected (names like q_proj.base_layer.weight).
     if (folder / LORA_FILE).is_file():
         # The adapters' shape comes from the file saved with them, not from the current config: phase C may
@@ -210,12 +213,17 @@ def load_base_changes(base: torch.nn.Module, config: RecursiveConfig, folder: Pa
         shape = json.loads((folder / LORA_SHAPE_FILE).read_text())
         if not any("lora_" in n for n, _ in base.named_parameters()):
             inject_lora(base, shape)
-        device = next(base.parameters()).device
-        try:
-            set_peft_model_state_dict(base, read_safetensors(folder / LORA_FILE, device=str(device)))
-        except RuntimeError as e:
-            raise UserError(f"LoRA weights in {folder} do not fit this base ({str(e).splitlines()[0]})") from None
+        if not skeleton:
+            device = next(base.parameters()).device
+            try:
+                set_peft_model_state_dict(base, read_safetensors(folder / LORA_FILE, device=str(device)))
+            except RuntimeError as e:
+                raise UserError(f"LoRA weights in {folder} do not fit this base ({str(e).splitlines()[0]})") from None
     if (folder / UNFROZEN_FILE).is_file():
+        if skeleton:
+            names = safetensors_keys(folder / UNFROZEN_FILE)
+            keep_layers_float32(base, sorted({int(k.split(".")[2]) for k in names if k.startswith("model.layers.")}))
+            return
         state = read_safetensors(folder / UNFROZEN_FILE)
         keep_layers_float32(base, sorted({int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}))
         try:

@@ -60,7 +60,8 @@ def check_kimi_linear_folder(path: Path) -> None:
 
 def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
               seed: int = 0) -> tuple[KimiLinearForCausalLM, PreTrainedTokenizerBase | None]:
-    """Load a checkpoint folder (with its tokenizer, if it has one) or build a preset (no tokenizer)."""
+    """Load a checkpoint folder (with its tokenizer, if it has one) or build a preset (no tokenizer).
+    device_map "meta": the model's structure and dtypes without its weights (rkl.train.sharding fills it)."""
     use_small_reference_kda_chunks()  # CPU only: the reference KDA's Python loop runs per chunk row
     set_short_convolution("fla")  # GPU with fla only: else transformers' F.conv1d stays
     set_cudnn_attention(False)  # its per-shape host setup dominates a decode step (rkl.model.kernels)
@@ -70,6 +71,11 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
         if not is_checkpoint_dir(path):
             raise UserError(f"{path} has no config.json: not a model checkpoint folder")
         check_kimi_linear_folder(path)
+        if device_map == "meta":  # the shape alone, no weight read (the processes that receive a broadcast)
+            config = KimiLinearConfig.from_pretrained(path)
+            with torch.device("meta"):
+                base = KimiLinearForCausalLM._from_config(config, dtype=torch_dtype or config.dtype)
+            return base, load_tokenizer(path)
         kwargs = {"dtype": torch_dtype or "auto"}
         if device_map is not None:
             kwargs["device_map"] = device_map

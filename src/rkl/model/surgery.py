@@ -209,7 +209,8 @@ def load_model_with_config(model: str | Path, config: RecursiveConfig | None = N
     `recursive_enabled` overrides the resolved config's (False: the plain base, no sidecar). A config whose sidecar
     shape contradicts the folder's is refused (UserError). A folder's sidecar.safetensors is loaded when the config
     is enabled. dtype: "float32" | "bfloat16" | "float16" or a torch dtype (default: the checkpoint's own);
-    device_map: as in transformers ("auto" spreads a large base over the GPUs).
+    device_map: as in transformers ("auto" spreads a large base over the GPUs); "meta": the structure and dtypes of
+    every tensor (base, changes, sidecar) without reading a weight.
     The tokenizer is the folder's (a surgery folder without one: its base's); None for a preset. Call
     `wrapper.eval()` before generating, encode prompts with `rkl.data.prompts.encode_prompt`, and generate with
     `wrapper.generate_chunks` (README, "Python API").
@@ -235,7 +236,8 @@ def load_model_with_config(model: str | Path, config: RecursiveConfig | None = N
         from rkl.model.base import load_tokenizer
         tokenizer = load_tokenizer(folder)
     wrapper = ChunkRefineWrapper(base, cfg)
-    if wrapper.enabled and folder is not None and (folder / SIDECAR_FILE).is_file():
+    skeleton = device_map == "meta"  # structure only: rkl.train.sharding broadcasts the values
+    if wrapper.enabled and folder is not None and (folder / SIDECAR_FILE).is_file() and not skeleton:
         wrapper.load_sidecar_state_dict(read_safetensors(folder / SIDECAR_FILE), source=str(folder / SIDECAR_FILE))
     return wrapper, tokenizer, cfg
 

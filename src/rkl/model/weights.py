@@ -39,6 +39,16 @@ def check_weight_files(folder: str | Path) -> None:
         check_safetensors(path)
 
 
+def safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from None
+
+
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     try:

@@ -28,10 +28,13 @@ runs the same batches everywhere, and the drift probe's generations are synced.
 
 What it costs, not yet measured on GPUs: each use of a layer all-gathers it, with no prefetch. In one phase-A step
 that is the prefix pass, W - 1 draft steps, K inner steps, and K more in backward, so at 48B, W = 64 and K = 4
-about 72 gathers of the whole base. Also not built: loading the checkpoint sharded. Every process reads the whole
-base into host memory first (in phase C twice: the pretrained copy that the L2 pull and the drift compare with is
-sharded the same way and dropped once its reference tensors and generations are taken). The processes of a host load
-one at a time (load_in_turns), so a host holds one whole base at a time, not one per process.
+about 72 gathers of the whole base.
+
+Loading: only the first process reads the checkpoint (in phase C also the pretrained copy that the L2 pull and the
+drift compare with, sharded the same way and dropped once its reference tensors and generations are taken). The
+others build the model on the meta device, shard it, and receive their shards (fill_from_first), so a host holds one
+whole base, read once. Data parallel needs the whole base on every process: there the processes of a host read it
+one at a time (load_in_turns).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def load_in_turns(load: Callable[[], T], accelerator, barrier: Callable[[], None
     if accelerator.num_processes == 1:
         return load()
     if barrier is None:
-        barrier = _turn_barrier()
+        barrier = turn_barrier()
     per_host = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     result = None
     for turn in range(per_host):
@@ -124,7 +127,35 @@ def load_in_turns(load: Callable[[], T], accelerator, barrier: Callable[[], None
     return result
 
 
-def _turn_barrier() -> Callable[[], None]:
+def fill_from_first(model: torch.nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device,
+                    barrier: Callable[[], None]) -> None:
+    """Give every process `model`'s values from the first process, each keeping only its shards of the sharded
+    layers. The first process passes `full`, its whole state dict taken before sharding (its tensors, wherever they
+    are); every other process passes None and a meta-device skeleton of the same structure (the model was built
+    without reading a weight). Collective: every process calls it, in the same order. barrier: where the other
+    processes wait while the first reads the checkpoint (a group with LOAD_TURN_TIMEOUT_S, made before loading).
+
+    Tensors go one at a time (torch.distributed.checkpoint's broadcast_from_rank0): a process holds one whole tensor
+    beyond its shards at a time. Names, shapes and dtypes are checked against the first process's first."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if full is None:
+        model.to_empty(device=device)
+    else:
+        model.to(device)
+    barrier()
+    mine = {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
+    sent = [{k: (tuple(v.shape), str(v.dtype)) for k, v in full.items()} if full is not None else None]
+    dist.broadcast_object_list(sent, src=0)
+    if sent[0] != mine:
+        differ = sorted(k for k in set(mine) | set(sent[0]) if mine.get(k) != sent[0].get(k))
+        raise RuntimeError(f"process {dist.get_rank()} built another model than the first process: {differ[:3]}")
+    set_model_state_dict(model, full if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def turn_barrier() -> Callable[[], None]:
     """A barrier on a gloo group of all processes that waits LOAD_TURN_TIMEOUT_S (new_group is collective: every
     process calls it, as every process calls load_in_turns)."""
     from datetime import timedelta
