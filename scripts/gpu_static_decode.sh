@@ -13,7 +13,7 @@ DEADLINE=${DEADLINE:-560}
 PRESET=${PRESET:-small}
 PARTS=" ${PARTS:-test walk phase_a phase_a_b32} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
-# the GPU-only test (graph replay == the static step run eagerly, bitwise; the CPU tests need a machine without
+# the GPU-only test (graph replay == the static step run eagerly, bitwise, small preset; the CPU tests need a machine without
 # triton); needs pytest among the carried wheels
 want test && part test ${TEST_LIMIT:-150} python3 -m pytest -p no:cacheprovider -rs tests/test_static_decode.py -k graph_replay
 want walk && part walk ${WALK_LIMIT:-300} python3 scripts/bench_static_decode.py --preset "$PRESET" --prefix 1024 \
