@@ -104,3 +104,25 @@ def test_graph_replay_equals_the_static_step_run_eagerly():
                         walk_logits(plain.start(snapshot), fed, prefix_len)):
             assert torch.equal(a, b)
     assert graphed.captures == 1
+
+
+@torch.no_grad()
+def test_a_failed_capture_leaves_the_same_step_running_eagerly(base, monkeypatch, capsys):
+    """Where a capture raises (say, an operation that waits on the host), the decoder says so once and the walk
+    runs the static step eagerly: the same logits as the eager walk."""
+    wrapper = ChunkRefineWrapper(base, None)
+    decoder = StaticDecoder(base, max_len=24, graph=True)
+
+    def fail(slot, snapshot):
+        decoder._forward(slot)  # the warm-up moves the state on before the capture fails
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decoder, "_capture", fail)
+    ids = torch.randint(3, base.config.vocab_size, (2, 10))
+    snapshot, _ = wrapper.prepare_prefix(ids)
+    fed = torch.randint(3, base.config.vocab_size, (2, 4))
+    static = walk_logits(decoder.start(snapshot), fed, 10)
+    eager = walk_logits(_eager_steps(base, snapshot, 2, ids.device), fed, 10)
+    for e, s in zip(eager, static):
+        torch.testing.assert_close(s, e, rtol=0, atol=1e-5)
+    assert decoder.graph is False and "runs eagerly" in capsys.readouterr().err

@@ -24,11 +24,13 @@ eagerly, and tests compare it with the eager walk.
 
 Only for a base that does not change inside a walk's Python control flow: phase A's frozen, unsharded base. A graph
 bakes in what its capture ran: FSDP's all-gathers (hooks that allocate and communicate) and peft's dropout cannot
-be replayed as captured, so rkl.train.refine_phases walks eagerly there.
+be replayed as captured, so rkl.train.refine_phases walks eagerly there. Where a capture fails anyway (an operation
+that waits on the host, under a setting not measured), the decoder says so once and runs the same step eagerly.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,16 +74,19 @@ class StaticDecoder:
         rows = snapshot.batch_size
         autocast = (torch.is_autocast_enabled(self.device.type),
                     torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None)
-        key = (rows, *autocast)
+        key = (rows, self.base.training, *autocast)  # what a capture bakes in besides the shapes
         slot = self.slots.get(key)
         if slot is None:
             slot = self._new_slot(snapshot)
-            self._load(slot, snapshot)
             if self.graph:
-                self._capture(slot, snapshot)
+                try:
+                    self._capture(slot, snapshot)
+                except RuntimeError as e:  # e.g. a kernel that waits on the host: the same step runs eagerly
+                    self.graph, slot.graph = False, None
+                    print(f"rkl: the draft walk could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
+                          "it runs eagerly", file=sys.stderr, flush=True)
             self.slots[key] = slot
-        else:
-            self._load(slot, snapshot)
+        self._load(slot, snapshot)
         expected = [prefix]
 
         def step(tokens: torch.Tensor, position: int) -> torch.Tensor:
@@ -135,8 +140,8 @@ class StaticDecoder:
         return out.logits[:, -1]
 
     def _capture(self, slot: _Slot, snapshot: CacheSnapshot) -> None:
-        """Warm up on a side stream (kernel autotuning, cuBLAS workspaces), restore the state the warm-up advanced,
-        then capture one step. Capturing runs no kernel, so the slot holds the snapshot afterwards."""
+        """Warm up on a side stream (kernel autotuning, cuBLAS workspaces), then capture one step. The warm-up moves
+        the slot's state on (capturing runs no kernel): start() loads the snapshot after this."""
         prefix = snapshot.seq_length
         slot.position.fill_(prefix)
         side = torch.cuda.Stream()
@@ -145,7 +150,6 @@ class StaticDecoder:
             for _ in range(2):
                 self._forward(slot)
         torch.cuda.current_stream().wait_stream(side)
-        self._load(slot, snapshot)
         slot.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(slot.graph):
             slot.logits = self._forward(slot)
