@@ -159,52 +159,37 @@ def test_sharded_l2_pull_gradient_clip_and_autocast_gradients_equal_their_whole_
     assert done.returncode == 0 and done.stdout.count("sharded numerics ok") == 2, done.stdout + done.stderr[-3000:]
 
 
-def test_processes_load_the_model_one_at_a_time_per_host(monkeypatch):
-    """load_in_turns: the process of local rank r loads after r barriers and before the rest (so one process per host
-    at a time holds a whole base in host memory), the hosts side by side, and every process passes the same number of
-    barriers."""
-    from rkl.train.sharding import load_in_turns
-
-    class Process:
-        def __init__(self, index, per_host):
-            self.num_processes, self.process_index, self.calls = 4, index, []
-            self.local_process_index = index % per_host
-
-    for per_host in (4, 2):  # one host of 4 processes, two hosts of 2
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_host))
-        for index in range(4):
-            process = Process(index, per_host)
-            barrier = lambda: process.calls.append("barrier")  # noqa: E731
-            assert load_in_turns(lambda: process.calls.append("load") or "model", process, barrier) == "model"
-            local = index % per_host
-            assert process.calls == ["barrier"] * local + ["load"] + ["barrier"] * (per_host - local), process.calls
-
-
 SLOW_LOAD = """
 import time
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from rkl.train import sharding
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # a short timeout, as NCCL's 10 minutes are at 48B
-
-
-class Process:
-    num_processes, process_index = dist.get_world_size(), dist.get_rank()
-    local_process_index = process_index
-
-
-assert sharding.load_in_turns(lambda: time.sleep(5) or "model", Process()) == "model"  # each turn outlasts it
-dist.barrier()
+barrier = sharding.load_barrier()
+if dist.get_rank() == 0:
+    time.sleep(5)  # reading the checkpoint outlasts the group's timeout
+    model = torch.nn.Linear(3, 2)
+    full = dict(model.state_dict())
+else:
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    full = None
+sharding.fill_from_first(model, full, torch.device("cpu"), barrier)
+mine = [model.weight.detach().clone()]
+first = [mine[0] if dist.get_rank() == 0 else None]
+dist.broadcast_object_list(first, src=0)
+assert torch.equal(mine[0], first[0])
 print("slow load ok")
 """
 
 
-def test_a_loading_turn_may_outlast_the_process_groups_timeout(tmp_path):
-    """Two gloo processes whose group times out after 2 s each take a 5 s turn to load: the turns wait on their own
-    group (LOAD_TURN_TIMEOUT_S), so neither process times out at a turn's barrier."""
+def test_the_others_may_wait_longer_than_the_process_groups_timeout_while_the_first_reads(tmp_path):
+    """Two gloo processes whose group times out after 2 s: the first takes 5 s to read its model, the second waits
+    for it on a group of its own (LOAD_WAIT_TIMEOUT_S) and then receives the same weights; neither times out."""
     script = tmp_path / "slow_load.py"
     script.write_text(SLOW_LOAD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
@@ -370,9 +355,9 @@ if rank != 0:  # a receiving process must read no weight: every reader records t
     weights.load_file = refuse
 source = Path(sys.argv[1])
 config = RecursiveConfig.from_file(source / "recursive_config.json").replace(lora_rank=4, unfreeze_every=2)
-mesh = sharding.device_mesh(2, torch.device("cpu"))
+mesh = sharding.device_mesh(2, torch.device("cpu")) if sys.argv[2] == "fsdp" else None
 wrapper, _, pretrained, info = refine_phases.load_phase_models(str(source), config, None, find_base(source),
-                                                               torch.device("cpu"), mesh, barrier=sharding.turn_barrier())
+                                                               torch.device("cpu"), mesh, barrier=sharding.load_barrier())
 whole = {k: sharding.full_tensor(v, True) for k, v in wrapper.state_dict().items()}  # collective: both shards
 whole_pretrained = {k: sharding.full_tensor(v, True) for k, v in pretrained.state_dict().items()}
 mine = [{k: v for k, v in wrapper.state_dict().items() if not sharding.is_sharded(v)}]  # the replicated tensors
@@ -386,23 +371,24 @@ if rank == 0:  # what the first process read, loaded again without sharding: the
     assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items()), "base differs"
     fresh, _ = load_base(find_base(source)["base"])
     assert all(torch.equal(whole_pretrained[k], v) for k, v in fresh.state_dict().items()), "pretrained differs"
-    assert any(".lora_A." in k for k in whole) and any(sharding.is_sharded(p) for p in pretrained.parameters())
-    print("loaded by", info["loaded_by"])
+    assert any(".lora_A." in k for k in whole)
+    assert any(sharding.is_sharded(p) for p in pretrained.parameters()) == (mesh is not None)
 print("sharded load ok", rank, len(reads))
 """
 
 
-def test_with_fsdp_only_the_first_process_reads_the_checkpoint(tiny_stages, tmp_path):
-    """Phase C's models under FSDP on 2 gloo processes: the second process reads no weight file (its readers fail
-    if called) and builds the structure on the meta device; afterwards every replicated tensor equals the first
-    process's, and the sharded layers, gathered, equal the checkpoint loaded whole (the pretrained copy too). Broken
-    on purpose (no broadcast: the second process keeps uninitialised shards), this fails."""
+@pytest.mark.parametrize("parallel", ["fsdp", "data_parallel"])
+def test_only_the_first_process_reads_the_checkpoint(tiny_stages, tmp_path, parallel):
+    """Phase C's models on 2 gloo processes, with FSDP and with data parallel: the second process reads no weight
+    file (its readers fail if called) and builds the structure on the meta device; afterwards every replicated
+    tensor equals the first process's, and the whole model (sharded layers gathered) equals the checkpoint loaded
+    whole, the pretrained copy too. Broken on purpose (no broadcast: the second process keeps uninitialised
+    tensors; or every process reading), this fails."""
     script = tmp_path / "sharded_load.py"
     script.write_text(SHARDED_LOAD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           str(tiny_stages / "phase_a")], env=env, capture_output=True, text=True, timeout=300)
+                           str(tiny_stages / "phase_a"), parallel], env=env, capture_output=True, text=True, timeout=300)
     out = done.stdout + done.stderr[-3000:]
     assert done.returncode == 0, out
     assert "sharded load ok 0 0" in done.stdout and "sharded load ok 1 0" in done.stdout, out
-    assert "loaded by the first process" in done.stdout, out

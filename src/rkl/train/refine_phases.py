@@ -11,6 +11,8 @@ other valid positions get the target-free keep term.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +34,8 @@ from rkl.train.drift import DriftProbe
 from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
-from rkl.train.sharding import (device_mesh, fill_from_first, fsdp_requested, full_tensor, is_sharded, load_in_turns,
-                                shard_decoder_layers, turn_barrier)
+from rkl.train.sharding import (device_mesh, fill_from_first, fsdp_requested, full_tensor, is_sharded, load_barrier,
+                                shard_decoder_layers)
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -276,38 +278,40 @@ def load_phase_models(source: str, config: RecursiveConfig, dtype: str | None, b
     """(wrapper, tokenizer, pretrained, sharding) of a recursive phase, on `device`: the model that trains, from
     `source`, and in phase C a plain copy of the pretrained base for the L2 reference and the drift (else None).
     With a device `mesh` (FSDP), each decoder layer of both is sharded before it moves, so no process ever holds the
-    whole base on its device; sharding is what run.json records of it (else None). With a `barrier` too (FSDP on
-    several processes), only the first process reads the checkpoint: the others build the structure on the meta
-    device and receive their shards from it (rkl.train.sharding.fill_from_first); the barrier is where they wait."""
+    whole base on its device; sharding is what run.json records of it (else None). With a `barrier` (several
+    processes), only the first process reads the checkpoint: the others build the structure on the meta device and
+    receive the values, or with FSDP their shards, from it (rkl.train.sharding.fill_from_first); the barrier is where
+    they wait while it reads."""
     import torch.distributed as dist
 
     receive = barrier is not None and dist.get_rank() != 0
     device_map = "meta" if receive else None
     wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=dtype, device_map=device_map)
     sharding = None
-    if mesh is not None:
-        # what trains inside the base is set first: the adapters stay whole, the unfrozen layers are sharded in float32
+    if mesh is not None or barrier is not None:
+        # what trains inside the base is set before the model is sharded (the adapters stay whole, the unfrozen
+        # layers are sharded in float32) or sent (every process then trains the first process's fresh adapters)
         if config.lora_rank > 0:
             apply_lora(wrapper.base, config)
         if config.unfreeze_every > 0:
             unfreeze(wrapper.base, config)
-        full = wrapper.state_dict() if barrier is not None and not receive else None
+    full = wrapper.state_dict() if barrier is not None and not receive else None
+    if mesh is not None:
         sharding = shard_decoder_layers(wrapper.base, mesh)
-        if barrier is not None:
-            fill_from_first(wrapper, full, device, barrier)
-            sharding["loaded_by"] = "the first process; the others received their shards"
-            del full
+    if barrier is not None:
+        fill_from_first(wrapper, full, device, barrier)
+        del full
     wrapper.to(device)
     pretrained = None
     if config.unfreeze_every > 0:  # phase C
         base_ref = base_reference["base"]
         pretrained, _ = load_base(base_ref.removeprefix("preset:"), dtype=dtype, seed=0, device_map=device_map)
+        full = pretrained.state_dict() if barrier is not None and not receive else None
         if mesh is not None:  # sharded as the trained base is, so its reference tensors match the shards
-            full = pretrained.state_dict() if barrier is not None and not receive else None
             shard_decoder_layers(pretrained, mesh)
-            if barrier is not None:
-                fill_from_first(pretrained, full, device, barrier)
-                del full
+        if barrier is not None:
+            fill_from_first(pretrained, full, device, barrier)
+            del full
         pretrained.to(device).eval()
     return wrapper, tokenizer, pretrained, sharding
 
@@ -341,19 +345,21 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
                         "cache_reset_policy=keep_all carries one cache across steps; use the default policy")
     base_reference = find_base(Path(source))  # where the base is now (the tree may have moved since surgery)
     mesh = device_mesh(accelerator.num_processes, accelerator.device) if fsdp_requested() else None
-    if mesh is not None and accelerator.num_processes > 1:  # one process reads the checkpoint, the rest receive
-        wrapper, tokenizer, pretrained, sharding = load_phase_models(
-            source, config, run.dtype, base_reference, accelerator.device, mesh, barrier=turn_barrier())
-    else:  # every process needs the whole base: they read it one at a time per host
-        wrapper, tokenizer, pretrained, sharding = load_in_turns(
-            lambda: load_phase_models(source, config, run.dtype, base_reference, accelerator.device, mesh),
-            accelerator)
+    several = accelerator.num_processes > 1  # then the first process reads the checkpoint and sends it
+    start = time.perf_counter()
+    wrapper, tokenizer, pretrained, sharding = load_phase_models(
+        source, config, run.dtype, base_reference, accelerator.device, mesh, barrier=load_barrier() if several else None)
+    if several and accelerator.is_main_process:
+        print(f"model read by the first process and sent to all {accelerator.num_processes} in "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     train_stream, val_stream = token_streams(config, tokenizer)
     meta = run_metadata(phase=run.phase, init=run.model, seed=config.seed,
                         data=describe_source(config.data, config.arithmetic_digits),
                         train_tokens=int(train_stream.numel()), val_tokens=int(val_stream.numel()))
     if sharding is not None:
         meta["fsdp"] = sharding
+    if several:
+        meta["model_loading"] = "read by the first process, sent to the others"
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
                       base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))
     meta["draft_walk"] = task.draft_walk

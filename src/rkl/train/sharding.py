@@ -33,14 +33,13 @@ about 72 gathers of the whole base.
 Loading: only the first process reads the checkpoint (in phase C also the pretrained copy that the L2 pull and the
 drift compare with, sharded the same way and dropped once its reference tensors and generations are taken). The
 others build the model on the meta device, shard it, and receive their shards (fill_from_first), so a host holds one
-whole base, read once. Data parallel needs the whole base on every process: there the processes of a host read it
-one at a time (load_in_turns).
+whole base, read once. Data parallel fills every process with the whole model the same way.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -48,7 +47,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from rkl.errors import UserError
 
 
-T = TypeVar("T")
 TESTED_TORCH = (2, 11)  # the GPU machines' torch; the CPU tests run 2.13
 
 
@@ -66,7 +64,7 @@ def refuse_fsdp_for_full_fine_tunes(phase: str) -> None:
 
 def device_mesh(world: int, device: torch.device):
     """The 1-D mesh over all processes that every layer is sharded on. Collective (it may create a process group):
-    every process calls it, before load_in_turns."""
+    every process calls it, before loading."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < TESTED_TORCH:
@@ -93,38 +91,11 @@ def shard_decoder_layers(base: torch.nn.Module, mesh) -> dict[str, int]:
             "base_parameters": int(sum(p.numel() for p in base.parameters()))}
 
 
-# How long a process may wait at a loading turn's barrier. At 48B one turn reads 98 GB and moves it to the device,
-# which can take longer than the process group's timeout (NCCL's default is 10 minutes, and it kills the job). The
-# turns wait on a gloo group of their own with this timeout, so training's collectives keep the short default that
-# catches a real hang.
-LOAD_TURN_TIMEOUT_S = 2 * 3600
-
-
-def load_in_turns(load: Callable[[], T], accelerator, barrier: Callable[[], None] | None = None) -> T:
-    """load() on each process in turn, with a barrier between turns. A process's load holds a whole base in host
-    memory until it is on the device (sharded with FSDP): 98 GB at 48B, so 8 processes loading at once would need
-    784 GB of host memory, where in turns they need one base's worth (its checkpoint files stay in the page cache, so
-    the later turns read it from memory). The turns go by the rank within the host (local rank 0 first), so the
-    hosts of a multi-node run load side by side. barrier: all processes wait (default: a gloo group with
-    LOAD_TURN_TIMEOUT_S). With one process it is load()."""
-    import sys
-    import time
-
-    if accelerator.num_processes == 1:
-        return load()
-    if barrier is None:
-        barrier = turn_barrier()
-    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    result = None
-    for turn in range(per_host):
-        if turn == accelerator.local_process_index:
-            start = time.perf_counter()
-            result = load()
-            took = time.perf_counter() - start
-            print(f"process {accelerator.process_index + 1}/{accelerator.num_processes}: model loaded in "
-                  f"{took:.0f} s", file=sys.stderr, flush=True)
-        barrier()
-    return result
+# How long the other processes may wait while the first reads the checkpoint (rkl.train.refine_phases). At 48B that
+# read is 98 GB, which can take longer than the process group's timeout (NCCL's default is 10 minutes, and it kills
+# the job). They wait on a gloo group of their own with this timeout, so training's collectives keep the short
+# default that catches a real hang.
+LOAD_WAIT_TIMEOUT_S = 2 * 3600
 
 
 def fill_from_first(model: torch.nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device,
@@ -133,7 +104,7 @@ def fill_from_first(model: torch.nn.Module, full: dict[str, torch.Tensor] | None
     layers. The first process passes `full`, its whole state dict taken before sharding (its tensors, wherever they
     are); every other process passes None and a meta-device skeleton of the same structure (the model was built
     without reading a weight). Collective: every process calls it, in the same order. barrier: where the other
-    processes wait while the first reads the checkpoint (a group with LOAD_TURN_TIMEOUT_S, made before loading).
+    processes wait while the first reads the checkpoint (load_barrier(), made before loading).
 
     Tensors go one at a time (torch.distributed.checkpoint's broadcast_from_rank0): a process holds one whole tensor
     beyond its shards at a time. Names, shapes and dtypes are checked against the first process's first."""
@@ -155,14 +126,14 @@ def fill_from_first(model: torch.nn.Module, full: dict[str, torch.Tensor] | None
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def turn_barrier() -> Callable[[], None]:
-    """A barrier on a gloo group of all processes that waits LOAD_TURN_TIMEOUT_S (new_group is collective: every
-    process calls it, as every process calls load_in_turns)."""
+def load_barrier() -> Callable[[], None]:
+    """A barrier on a gloo group of all processes that waits LOAD_WAIT_TIMEOUT_S. Collective (new_group): every
+    process calls it, before the first starts reading."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=LOAD_TURN_TIMEOUT_S))
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=LOAD_WAIT_TIMEOUT_S))
     return lambda: dist.barrier(group=group)
 
 
