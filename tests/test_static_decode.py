@@ -126,3 +126,41 @@ def test_a_failed_capture_leaves_the_same_step_running_eagerly(base, monkeypatch
     for e, s in zip(eager, static):
         torch.testing.assert_close(s, e, rtol=0, atol=1e-5)
     assert decoder.graph is False and "runs eagerly" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_static_walk_of_a_float32_base_under_bf16_autocast(base):
+    """The GPU training setup (a float32 preset under accelerate's bf16 autocast) on the CPU: the MLA latents come
+    out in two dtypes (the normed part float32, the rope part bf16), which the static buffers must each keep. The
+    drafts equal the eager walk's, from two prefixes in turn."""
+    wrapper = ChunkRefineWrapper(base, None)
+    decoder = StaticDecoder(base, max_len=32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for prefix_len in (20, 11):
+            ids = torch.randint(3, base.config.vocab_size, (3, prefix_len), generator=gen)
+            snapshot, prev = wrapper.prepare_prefix(ids)
+            modes = torch.full((3, 6), GREEDY)
+            targets = torch.zeros(3, 6, dtype=torch.long)
+            assert torch.equal(build_chunk(wrapper, snapshot, prev, targets, modes, decoder=decoder),
+                               build_chunk(wrapper, snapshot, prev, targets, modes))
+
+
+@torch.no_grad()
+def test_the_decoder_keeps_two_slots_and_walks_right_after_evicting_one(base):
+    """Walks at 2, 3, 4 and again 2 rows: at most MAX_SLOTS slots stay (the least recently used goes), and each walk,
+    the one that rebuilt its evicted slot included, gives the eager walk's logits."""
+    from rkl.model.static_decode import MAX_SLOTS
+
+    wrapper = ChunkRefineWrapper(base, None)
+    decoder = StaticDecoder(base, max_len=24)
+    gen = torch.Generator().manual_seed(2)
+    for rows in (2, 3, 4, 2):
+        ids = torch.randint(3, base.config.vocab_size, (rows, 8), generator=gen)
+        snapshot, _ = wrapper.prepare_prefix(ids)
+        fed = torch.randint(3, base.config.vocab_size, (rows, 3), generator=gen)
+        for e, s in zip(walk_logits(_eager_steps(base, snapshot, rows, ids.device), fed, 8),
+                        walk_logits(decoder.start(snapshot), fed, 8)):
+            torch.testing.assert_close(s, e, rtol=0, atol=1e-5)
+        assert len(decoder.slots) <= MAX_SLOTS
+    assert [k[0] for k in decoder.slots] == [4, 2]

@@ -13,7 +13,7 @@ for the whole walk:
   device-side counter; a walk copies its prefix's latents in and sets the counter to the prefix length.
 - the attention mask: built inside the step from a device-side position (key index <= the position being
   written) and handed to the model as transformers' per-layer-type mask dict, so no host-side mask logic runs.
-One graph per (rows, autocast dtype), all at `max_len` (phase A's seq_len: a prefix and its chunk never exceed
+One graph per (rows, training mode, autocast dtype), all at `max_len` (phase A's seq_len: a prefix and its chunk never exceed
 it). Starting a walk costs a few device copies (the KDA states and the prefix latents), none per token.
 
 Numerics: attention runs over all `max_len` keys with those past the current position masked, where the eager walk
@@ -38,6 +38,26 @@ import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticLayer
 
 from rkl.model.cache import CacheSnapshot, restore_cache
+
+
+class _StaticLatentLayer(StaticLayer):
+    """transformers' StaticLayer keeping the snapshot's dtypes, as the eager cache does. Under autocast a float32
+    base's MLA latents come in mixed dtypes: a prefix pass leaves both parts float32, a decode step's rope part is
+    bf16, and the eager cache's torch.cat promotes it to float32; StaticLayer would allocate both buffers in the keys'
+    dtype and index_copy_ refuses a source of another dtype."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.values = torch.zeros_like(self.values, dtype=value_states.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
+
+
+# Slots kept at once: training's walk and validation's (another row count, eval mode). Each holds KDA states for its
+# rows (about 40 MiB a row at the 48B widths) and a graph's memory; a third kind (a short last group) evicts one.
+MAX_SLOTS = 2
 
 
 @dataclass
@@ -75,8 +95,10 @@ class StaticDecoder:
         autocast = (torch.is_autocast_enabled(self.device.type),
                     torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None)
         key = (rows, self.base.training, *autocast)  # what a capture bakes in besides the shapes
-        slot = self.slots.get(key)
+        slot = self.slots.pop(key, None)
         if slot is None:
+            while len(self.slots) >= MAX_SLOTS:  # the least recently used goes, with its buffers and graph
+                del self.slots[next(iter(self.slots))]
             slot = self._new_slot(snapshot)
             if self.graph:
                 try:
@@ -85,7 +107,7 @@ class StaticDecoder:
                     self.graph, slot.graph = False, None
                     print(f"rkl: the draft walk could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
                           "it runs eagerly", file=sys.stderr, flush=True)
-            self.slots[key] = slot
+        self.slots[key] = slot  # most recently used last
         self._load(slot, snapshot)
         expected = [prefix]
 
@@ -109,7 +131,7 @@ class StaticDecoder:
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, LinearAttentionCacheLayerMixin):
                 continue
-            static = StaticLayer(max_cache_len=self.max_len)
+            static = _StaticLatentLayer(max_cache_len=self.max_len)
             static.lazy_initialization(layer.keys, layer.values)  # zeros: masked keys must stay finite
             cache.layers[i] = static
         rows = snapshot.batch_size
@@ -124,6 +146,9 @@ class StaticDecoder:
                 p = attrs["keys"].shape[-2]
                 layer.keys[:, :, :p].copy_(attrs["keys"])
                 layer.values[:, :, :p].copy_(attrs["values"])
+                # what earlier walks wrote past the prefix is masked, but a masked NaN still poisons the attention
+                layer.keys[:, :, p:].zero_()
+                layer.values[:, :, p:].zero_()
                 layer.cumulative_length.fill_(p)
             else:
                 for name in ("conv_states", "recurrent_states"):
