@@ -392,3 +392,23 @@ def test_only_the_first_process_reads_the_checkpoint(tiny_stages, tmp_path, para
     out = done.stdout + done.stderr[-3000:]
     assert done.returncode == 0, out
     assert "sharded load ok 0 0" in done.stdout and "sharded load ok 1 0" in done.stdout, out
+
+
+def test_a_skeleton_has_the_dtypes_the_first_process_loads(tiny_stages, tmp_path):
+    """The receiving processes' meta-device model takes the dtype from_pretrained's "auto" gives: the config's, else
+    (a config.json without one) the weights' (bf16 here, where a plain build would be float32); a preset skeleton is
+    on the meta device also on a host without a GPU."""
+    from rkl.model.base import load_base
+
+    real, _ = load_base(tiny_stages / "baseline")
+    real.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_base(tmp_path / "bf16")
+    skeleton, _ = load_base(tmp_path / "bf16", device_map="meta")
+    assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in skeleton.parameters()} == {torch.bfloat16}
+    assert all(p.is_meta for p in skeleton.parameters())
+    preset, _ = load_base("tiny", device_map="meta")
+    assert all(p.is_meta for p in preset.parameters())

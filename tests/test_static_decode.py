@@ -73,8 +73,8 @@ def test_static_walk_refuses_a_skipped_position_and_the_end_of_its_buffers(base)
 @pytest.mark.parametrize("setting, walk", [({}, "cuda_graph"), ({"draft_walk_graph": False}, "eager"),
                                            ({"lora_rank": 4}, "eager")])
 def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_base(base, setting, walk):
-    """On a CUDA device phase A's frozen base gets the graphed walk; off by config, or with LoRA (whose dropout and
-    training a captured graph could not follow), it walks eagerly; on a CPU always eagerly."""
+    """On a CUDA device phase A's frozen base gets the graphed walk; off by config, or with LoRA (a base that trains,
+    not measured with a graph), it walks eagerly; on a CPU always eagerly."""
     config = RecursiveConfig(chunk_width=4, max_inner_steps=2, d_state=16, gate_hidden=16, seq_len=20, **setting)
     stream = torch.arange(3, 300)
     tokenizer = SimpleNamespace(eos_token_id=2)

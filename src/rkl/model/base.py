@@ -74,7 +74,7 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
         if device_map == "meta":  # the shape alone, no weight read (the processes that receive a broadcast)
             config = KimiLinearConfig.from_pretrained(path)
             with torch.device("meta"):
-                base = KimiLinearForCausalLM._from_config(config, dtype=torch_dtype or config.dtype)
+                base = KimiLinearForCausalLM._from_config(config, dtype=torch_dtype or _auto_dtype(path, config))
             return base, load_tokenizer(path)
         kwargs = {"dtype": torch_dtype or "auto"}
         if device_map is not None:
@@ -88,9 +88,21 @@ def load_base(model: str | Path, dtype: str | torch.dtype | None = None, device_
                     "train the base first with `rkl train --phase pretrain`")
 
 
+def _auto_dtype(path: Path, config: KimiLinearConfig) -> torch.dtype:
+    """The dtype from_pretrained's "auto" gives a folder: its config's, else its weights' first floating dtype (read
+    from the first weight file's header, as transformers reads it)."""
+    if isinstance(getattr(config, "dtype", None), torch.dtype):
+        return config.dtype
+    from transformers.modeling_utils import get_state_dict_dtype, load_state_dict
+
+    return get_state_dict_dtype(load_state_dict(str(sorted(path.glob("*.safetensors"))[0]), map_location="meta"))
+
+
 def preset_device(device_map: str | dict | None) -> torch.device:
     """Where a preset is built: on the GPU when there is one (a 48B preset does not fit a host's memory in fp32,
     and building it there takes seconds), unless the caller asks for the CPU."""
+    if device_map == "meta":  # the structure alone (rkl.train.sharding fills it), also on a host without a GPU
+        return torch.device("meta")
     if device_map == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if isinstance(device_map, str) and device_map not in ("auto", "cuda"):

@@ -22,9 +22,9 @@ and a greedy draft can differ where two logits tie to that precision. The agreem
 (scripts/bench_static_decode.py, docs/benchmarks.md). On a CPU there is no graph: the same static-cache step runs
 eagerly, and tests compare it with the eager walk.
 
-Only for a base that does not change inside a walk's Python control flow: phase A's frozen, unsharded base. A graph
-bakes in what its capture ran: FSDP's all-gathers (hooks that allocate and communicate) and peft's dropout cannot
-be replayed as captured, so rkl.train.refine_phases walks eagerly there. Where a capture fails anyway (an operation
+Used for phase A's frozen, unsharded base only. A graph bakes in what its capture ran: FSDP's all-gathers (hooks
+that allocate and communicate) cannot be replayed, and a base that trains (LoRA, unfrozen layers) was not measured
+with one, so rkl.train.refine_phases walks eagerly there. Where a capture fails anyway (an operation
 that waits on the host, under a setting not measured), the decoder says so once and runs the same step eagerly.
 """
 

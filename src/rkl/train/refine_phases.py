@@ -63,8 +63,8 @@ class RefineTask:
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
         self.walked: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (step, micro) -> drafted() of its group
-        # A graph replays what its capture ran, so only a base that nothing changes inside a walk gets one: frozen
-        # (no LoRA, no unfrozen layers) and unsharded (FSDP all-gathers a layer in Python hooks).
+        # A graph replays what its capture ran: only the base it was built and measured for gets one, frozen (no
+        # LoRA, no unfrozen layers) and unsharded (FSDP all-gathers each layer in Python hooks, which cannot replay).
         frozen = not self.lora_params and not self.unfrozen and not any(is_sharded(p) for p in base.parameters())
         self.decoder = (StaticDecoder(base, config.seq_len)
                         if config.draft_walk_graph and frozen and device.type == "cuda" else None)

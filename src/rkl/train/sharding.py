@@ -106,24 +106,37 @@ def fill_from_first(model: torch.nn.Module, full: dict[str, torch.Tensor] | None
     without reading a weight). Collective: every process calls it, in the same order. barrier: where the other
     processes wait while the first reads the checkpoint (load_barrier(), made before loading).
 
-    Tensors go one at a time (torch.distributed.checkpoint's broadcast_from_rank0): a process holds one whole tensor
-    beyond its shards at a time. Names, shapes and dtypes are checked against the first process's first."""
+    Names, shapes and dtypes are compared first, on every process (all raise together). Then one tensor at a time:
+    a whole tensor is broadcast into the model's own storage, a sharded one scattered from the first process's
+    whole copy, so a process holds at most one whole tensor beyond its model."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if full is None:
         model.to_empty(device=device)
     else:
         model.to(device)
     barrier()
-    mine = {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
+    state = model.state_dict()  # the model's own storage (detached views), DTensors where sharded
+    mine = {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
     sent = [{k: (tuple(v.shape), str(v.dtype)) for k, v in full.items()} if full is not None else None]
     dist.broadcast_object_list(sent, src=0)
-    if sent[0] != mine:
-        differ = sorted(k for k in set(mine) | set(sent[0]) if mine.get(k) != sent[0].get(k))
-        raise RuntimeError(f"process {dist.get_rank()} built another model than the first process: {differ[:3]}")
-    set_model_state_dict(model, full if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    differ = sorted(k for k in set(mine) | set(sent[0]) if mine.get(k) != sent[0].get(k))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, differ)
+    if any(everyone):
+        rank, keys = next((r, d) for r, d in enumerate(everyone) if d)
+        raise RuntimeError(f"process {rank} built another model than the first process (shapes and dtypes differ): "
+                           f"{keys[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if isinstance(tensor, DTensor):
+                whole = (full[name].to(device) if full is not None
+                         else torch.empty(tensor.shape, dtype=tensor.dtype, device=device))
+                part = distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=0)
+                tensor.to_local().copy_(part.to_local())
+                del whole, part
+            else:
+                dist.broadcast(tensor, src=0)  # the first process's model holds what it read
 
 
 def load_barrier() -> Callable[[], None]:
