@@ -183,7 +183,9 @@ mine = [model.weight.detach().clone()]
 first = [mine[0] if dist.get_rank() == 0 else None]
 dist.broadcast_object_list(first, src=0)
 assert torch.equal(mine[0], first[0])
+dist.barrier()
 print("slow load ok")
+dist.destroy_process_group()  # an open gloo group can abort the interpreter's exit ("terminate called ...")
 """
 
 
@@ -373,7 +375,11 @@ if rank == 0:  # what the first process read, loaded again without sharding: the
     assert all(torch.equal(whole_pretrained[k], v) for k, v in fresh.state_dict().items()), "pretrained differs"
     assert any(".lora_A." in k for k in whole)
     assert any(sharding.is_sharded(p) for p in pretrained.parameters()) == (mesh is not None)
-print("sharded load ok", rank, len(reads))
+for turn in range(2):  # one at a time: two processes writing to one pipe can interleave within a line
+    if turn == rank:
+        print("sharded load ok", rank, len(reads), flush=True)
+    dist.barrier()
+dist.destroy_process_group()
 """
 
 
