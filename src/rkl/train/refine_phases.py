@@ -287,7 +287,6 @@ def load_phase_models(source: str, config: RecursiveConfig, dtype: str | None, b
     receive = barrier is not None and dist.get_rank() != 0
     device_map = "meta" if receive else None
     wrapper, tokenizer, _ = load_model_with_config(source, config=config, dtype=dtype, device_map=device_map)
-    sharding = None
     if mesh is not None or barrier is not None:
         # what trains inside the base is set before the model is sharded (the adapters stay whole, the unfrozen
         # layers are sharded in float32) or sent (every process then trains the first process's fresh adapters)
@@ -295,25 +294,28 @@ def load_phase_models(source: str, config: RecursiveConfig, dtype: str | None, b
             apply_lora(wrapper.base, config)
         if config.unfreeze_every > 0:
             unfreeze(wrapper.base, config)
-    full = wrapper.state_dict() if barrier is not None and not receive else None
-    if mesh is not None:
-        sharding = shard_decoder_layers(wrapper.base, mesh)
-    if barrier is not None:
-        fill_from_first(wrapper, full, device, barrier)
-        del full
-    wrapper.to(device)
+    sharding = _place(wrapper, wrapper.base, device, mesh, barrier, receive)
     pretrained = None
     if config.unfreeze_every > 0:  # phase C
         base_ref = base_reference["base"]
         pretrained, _ = load_base(base_ref.removeprefix("preset:"), dtype=dtype, seed=0, device_map=device_map)
-        full = pretrained.state_dict() if barrier is not None and not receive else None
-        if mesh is not None:  # sharded as the trained base is, so its reference tensors match the shards
-            shard_decoder_layers(pretrained, mesh)
-        if barrier is not None:
-            fill_from_first(pretrained, full, device, barrier)
-            del full
-        pretrained.to(device).eval()
+        # sharded as the trained base is, so its reference tensors match the shards
+        _place(pretrained, pretrained, device, mesh, barrier, receive)
+        pretrained.eval()
     return wrapper, tokenizer, pretrained, sharding
+
+
+def _place(model: torch.nn.Module, base: torch.nn.Module, device: torch.device, mesh,
+           barrier: Callable[[], None] | None, receive: bool) -> dict | None:
+    """Shard `base` (part of `model`) over `mesh`, fill `model` from the first process where a `barrier` says
+    several take part, and move it to `device`. Returns what shard_decoder_layers records (None without a mesh)."""
+    full = model.state_dict() if barrier is not None and not receive else None  # whole, before sharding
+    sharding = shard_decoder_layers(base, mesh) if mesh is not None else None
+    if barrier is not None:
+        fill_from_first(model, full, device, barrier)
+    del full
+    model.to(device)
+    return sharding
 
 
 def run_refine_phase(run: PhaseRun) -> TrainResult:
