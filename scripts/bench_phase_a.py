@@ -159,13 +159,14 @@ def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
-def walk_comparison(base, args) -> dict[tuple[int, bool], tuple[float, float, float]]:
+def walk_comparison(base, args) -> dict[tuple[int, str], tuple[float, float, float]]:
     """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps (and with
     --compare-graph each eagerly and with the CUDA-graphed walk), over the steps of one group (8 steps for 1, whose
     steps all cost the same): each setting runs them twice, and the second pass, which meets no new shape, is timed.
     Every step is held at the prefix length of step 0 (each group's first), so all see the same shapes."""
     groups = [int(g) for g in args.walk_steps.split(",")] if args.walk_steps else []
-    graphs = (False, True) if args.compare_graph else (True,)
+    # without a GPU both settings walk eagerly: time it once
+    graphs = (False, True) if args.compare_graph and torch.cuda.is_available() else (True,)
     rows = {}
     for g in [1, *groups]:
         for graph in graphs:
@@ -173,7 +174,8 @@ def walk_comparison(base, args) -> dict[tuple[int, bool], tuple[float, float, fl
             if g == 1:
                 drawn = task.micro_batch
                 group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
-                task.micro_batch = lambda step, micro, prefix_len=None, drawn=drawn, p=group_prefix: drawn(step, micro, p)
+                task.micro_batch = (lambda step, micro, prefix_len=None, drawn=drawn, p=group_prefix:
+                                    drawn(step, micro, p))
             n = g if g > 1 else 8
             for timed in (False, True):
                 if timed and task.device.type == "cuda":
@@ -307,7 +309,8 @@ def main() -> None:
         rows = walk_comparison(base, args)
         if not args.no_vanilla:
             for (steps, walk), (_, tps, _) in rows.items():
-                say(f"phase A at draft_walk_steps {steps}, {walk} walk / vanilla tokens/s = {tps / (tokens / t_van):.2f}")
+                say(f"phase A at draft_walk_steps {steps}, {walk} walk / vanilla tokens/s = "
+                    f"{tps / (tokens / t_van):.2f}")
     if args.batches:
         for ckpt in (True, False):
             say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The draft walk eager vs over a static cache replayed as a CUDA graph (rkl.model.static_decode), side by side in
 one process: seconds per walk of W - 1 decode steps at each row count, what the first start costs (two warm-up
-steps and the capture), and how far the two agree: the largest logit difference at the walk's first decode step, and the share
-of rows whose greedy draft is token-identical. Random weights and tokens; each walk starts from its own prefix, so a
+steps and the capture), and how far the two agree: the largest logit difference at the walk's first decode step,
+and the share of rows whose greedy draft is token-identical. Random weights and tokens; each walk starts from its own prefix, so a
 graph that kept the previous walk's state would show as disagreement.
 
     python scripts/bench_static_decode.py --preset small --prefix 1024 --width 64 --rows 8,64,256
@@ -82,8 +82,8 @@ def main() -> None:
         table.append((rows, e, g, first_graphed, max(logit_diff), statistics.mean(same_rows), decoder.captures))
         say(f"rows {rows}: eager {e:.3f} s per walk, graphed {g:.3f} s ({e / g:.2f}x)")
         del decoder
-    say(f"\n| rows | eager walk | graphed walk | speedup | first start and step (2 warm-up steps + capture) | max logit diff at the "
-        f"first step | rows identical | graphs |\n|---|---|---|---|---|---|---|---|")
+    say(f"\n| rows | eager walk | graphed walk | speedup | first start and step (2 warm-up steps + capture) "
+        f"| max logit diff at the first step | rows identical | graphs |\n|---|---|---|---|---|---|---|---|")
     for rows, e, g, first, diff, same, caps in table:
         say(f"| {rows} | {e * 1e3:.0f} ms | {g * 1e3:.0f} ms | {e / g:.2f}x | {first * 1e3:.0f} ms | {diff:.3g} | "
             f"{same:.0%} | {caps} |")

@@ -394,7 +394,8 @@ def test_only_the_first_process_reads_the_checkpoint(tiny_stages, tmp_path, para
     script.write_text(SHARDED_LOAD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project_root() / "src")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           str(tiny_stages / "phase_a"), parallel], env=env, capture_output=True, text=True, timeout=300)
+                           str(tiny_stages / "phase_a"), parallel],
+                          env=env, capture_output=True, text=True, timeout=300)
     out = done.stdout + done.stderr[-3000:]
     assert done.returncode == 0, out
     assert "sharded load ok 0 0" in done.stdout and "sharded load ok 1 0" in done.stdout, out

@@ -13,8 +13,8 @@ for the whole walk:
   device-side counter; a walk copies its prefix's latents in and sets the counter to the prefix length.
 - the attention mask: built inside the step from a device-side position (key index <= the position being
   written) and handed to the model as transformers' per-layer-type mask dict, so no host-side mask logic runs.
-One graph per (rows, training mode, autocast dtype), all at `max_len` (phase A's seq_len: a prefix and its chunk never exceed
-it). Starting a walk costs a few device copies (the KDA states and the prefix latents), none per token.
+One graph per (rows, training mode, autocast dtype), all at `max_len` (phase A's seq_len: a prefix and its chunk
+never exceed it). Starting a walk costs a few device copies (the KDA states and the prefix latents), none per token.
 
 Numerics: attention runs over all `max_len` keys with those past the current position masked, where the eager walk
 runs over exactly prefix + j keys, so on a GPU the logits can differ from the eager walk's in the last bits (bf16)
@@ -24,8 +24,8 @@ eagerly, and tests compare it with the eager walk.
 
 Used for phase A's frozen, unsharded base only. A graph bakes in what its capture ran: FSDP's all-gathers (hooks
 that allocate and communicate) cannot be replayed, and a base that trains (LoRA, unfrozen layers) was not measured
-with one, so rkl.train.refine_phases walks eagerly there. Where a capture fails anyway (an operation
-that waits on the host, under a setting not measured), the decoder says so once and runs the same step eagerly.
+with one, so rkl.train.refine_phases walks eagerly there. Where a capture fails anyway (an operation that waits on
+the host, under a setting not measured), the decoder says so once and runs the same step eagerly.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class StaticDecoder:
         self.device = next(base.parameters()).device
         self.graph = self.device.type == "cuda" if graph is None else graph
         self.slots: dict[tuple, _Slot] = {}
-        self.keys = torch.arange(max_len, device=self.device)
+        self.key_index = torch.arange(max_len, device=self.device)  # what the mask compares the position with
         self.captures = 0  # graphs captured so far (a benchmark reports it)
 
     def start(self, snapshot: CacheSnapshot) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -158,7 +158,7 @@ class StaticDecoder:
 
     def _forward(self, slot: _Slot) -> torch.Tensor:
         rows = slot.input_ids.shape[0]
-        visible = (self.keys <= slot.position).view(1, 1, 1, -1).expand(rows, 1, 1, -1)
+        visible = (self.key_index <= slot.position).view(1, 1, 1, -1).expand(rows, 1, 1, -1)
         out = self.base(input_ids=slot.input_ids, position_ids=slot.position.expand(rows, 1),
                         past_key_values=slot.cache, use_cache=True,
                         attention_mask={"full_attention": visible, "linear_attention": None})

@@ -350,7 +350,8 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     several = accelerator.num_processes > 1  # then the first process reads the checkpoint and sends it
     start = time.perf_counter()
     wrapper, tokenizer, pretrained, sharding = load_phase_models(
-        source, config, run.dtype, base_reference, accelerator.device, mesh, barrier=load_barrier() if several else None)
+        source, config, run.dtype, base_reference, accelerator.device, mesh,
+        barrier=load_barrier() if several else None)
     if several and accelerator.is_main_process:
         print(f"model read by the first process and sent to all {accelerator.num_processes} in "
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
