@@ -275,15 +275,19 @@ def main() -> None:
                     help="time each draft_walk_steps setting with the eager and the CUDA-graphed walk")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
     ap.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN's attention (rkl does not)")
+    ap.add_argument("--base-dtype", choices=["bfloat16", "float32"], default=None,
+                    help="the base's weights (default: bfloat16 on a GPU, float32 on a CPU; `rkl train` on a preset "
+                         "keeps float32 weights under bf16 autocast)")
     args = ap.parse_args()
 
     on_gpu = torch.cuda.is_available()
-    base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    base = build_preset(args.preset, dtype=base_dtype(args, on_gpu))
     set_cudnn_attention(args.cudnn_attention)
     device = next(base.parameters()).device
     n_params = sum(p.numel() for p in base.parameters())
     say(f"{args.preset}: {n_params / 1e9:.2f}B parameters on {torch.cuda.get_device_name() if on_gpu else 'cpu'}; "
-        f"batch {args.batch}, prefix {args.prefix}, W {args.width}, K {args.k}; cuDNN attention "
+        f"{str(next(base.parameters()).dtype)[6:]} weights; batch {args.batch}, prefix {args.prefix}, W {args.width}, "
+        f"K {args.k}; cuDNN attention "
         f"{'allowed' if args.cudnn_attention else 'off'}")
 
     # Every result is printed as soon as it is measured (flushed): on a GPU the first step also pays Triton's
@@ -315,6 +319,12 @@ def main() -> None:
         for ckpt in (True, False):
             say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")
             largest_batch(base, args, ckpt)
+
+
+def base_dtype(args, on_gpu: bool) -> torch.dtype:
+    if args.base_dtype:
+        return getattr(torch, args.base_dtype)
+    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def say(line: str) -> None:

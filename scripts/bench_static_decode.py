@@ -45,15 +45,18 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--rows", default="8,64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--base-dtype", choices=["bfloat16", "float32"], default=None,
+                    help="the base's weights (default: bfloat16 on a GPU, float32 on a CPU; `rkl train` on a preset "
+                         "keeps float32 weights under bf16 autocast)")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
-    base = build_preset(args.preset, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    base = build_preset(args.preset, dtype=base_dtype(args, on_gpu))
     set_cudnn_attention(False)
     device = next(base.parameters()).device
     wrapper = ChunkRefineWrapper(base, None)  # the walk reads wrapper.base only; no sidecar
     say(f"{args.preset}: {sum(p.numel() for p in base.parameters()) / 1e9:.2f}B parameters on "
         f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}; prefix {args.prefix}, W {args.width}, "
-        f"{'bf16 autocast' if on_gpu else 'fp32'}, greedy drafts")
+        f"{str(next(base.parameters()).dtype)[6:]} weights{' under bf16 autocast' if on_gpu else ''}, greedy drafts")
     gen = torch.Generator().manual_seed(0)
     table = []
     for rows in [int(r) for r in args.rows.split(",")]:
@@ -87,6 +90,12 @@ def main() -> None:
     for rows, e, g, first, diff, same, caps in table:
         say(f"| {rows} | {e * 1e3:.0f} ms | {g * 1e3:.0f} ms | {e / g:.2f}x | {first * 1e3:.0f} ms | {diff:.3g} | "
             f"{same:.0%} | {caps} |")
+
+
+def base_dtype(args, on_gpu: bool) -> torch.dtype:
+    if args.base_dtype:
+        return getattr(torch, args.base_dtype)
+    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def say(line: str) -> None:

@@ -5,6 +5,7 @@
 # a fresh machine's first eval compiles fla's kernels for its shapes, which took more than 200 s on 2026-12-04).
 set -uo pipefail
 S=$OUT; W=/tmp/w; mkdir -p $W
+. scripts/gpu_parts.sh; restore_triton_cache  # kernels an earlier machine compiled (.triton_carry/), if carried
 CLI=(--set data=stdlib+arithmetic --set max_chars_per_source=20000)
 part() { local name=$1 limit=$2; shift 2; local s=$SECONDS
   timeout "$limit" "$@" > "$S/$name.txt" 2>&1; echo "== $name: exit $? after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; }
@@ -19,5 +20,6 @@ for P in $PRESETS; do
   python3 -m rkl compare baseline after_surgery > $S/compare_$P.txt 2>&1; echo "compare exit $?" >> $S/compare_$P.txt
   for f in eval_results/*.json; do cp $f $S/${P}_$(basename $f); done
 done
+[ -n "${SAVE_TRITON:-}" ] && save_triton_cache "$S"
 cat $S/summary.txt; for P in $PRESETS; do echo "== compare $P"; head -c 2500 $S/compare_$P.txt; done
 for f in $S/eval_*; do echo "== $f"; tail -n 3 $f; done

@@ -88,21 +88,24 @@ def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_base(base, setting, w
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_static_decode.sh runs it)")
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
 @torch.no_grad()
-def test_graph_replay_equals_the_static_step_run_eagerly():
+def test_graph_replay_equals_the_static_step_run_eagerly(base_dtype):
     """On a GPU: the graphed walk gives bitwise the logits of the same static-cache step run without a graph, from
-    two prefixes in turn (the graph reads each walk's state, not the capture's)."""
-    model = build_preset("small", dtype=torch.bfloat16, device_map="cuda")  # kernels shared with the benchmarks
+    two prefixes in turn (the graph reads each walk's state, not the capture's). Under bf16 autocast with a bf16
+    base (the benchmarks) and a float32 one (what `rkl train` runs on a preset)."""
+    model = build_preset("small", dtype=base_dtype, device_map="cuda")  # kernels shared with the benchmarks
     wrapper = ChunkRefineWrapper(model, None)
     graphed, plain = StaticDecoder(model, 48), StaticDecoder(model, 48, graph=False)
     gen = torch.Generator().manual_seed(0)
-    for prefix_len in (30, 12):
-        ids = torch.randint(3, model.config.vocab_size, (4, prefix_len), generator=gen).cuda()
-        snapshot, _ = wrapper.prepare_prefix(ids)
-        fed = torch.randint(3, model.config.vocab_size, (4, 8), generator=gen).cuda()
-        for a, b in zip(walk_logits(graphed.start(snapshot), fed, prefix_len),
-                        walk_logits(plain.start(snapshot), fed, prefix_len)):
-            assert torch.equal(a, b)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for prefix_len in (30, 12):
+            ids = torch.randint(3, model.config.vocab_size, (4, prefix_len), generator=gen).cuda()
+            snapshot, _ = wrapper.prepare_prefix(ids)
+            fed = torch.randint(3, model.config.vocab_size, (4, 8), generator=gen).cuda()
+            for a, b in zip(walk_logits(graphed.start(snapshot), fed, prefix_len),
+                            walk_logits(plain.start(snapshot), fed, prefix_len)):
+                assert torch.equal(a, b)
     assert graphed.captures == 1
 
 
