@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from types import SimpleNamespace
@@ -75,37 +76,63 @@ def fixed_prefix_batch(task: RefineTask, step: int) -> tuple[ChunkBatch, torch.T
     return batch, modes, gen
 
 
-def timed_sections(task: RefineTask, step: int) -> dict[str, float]:
-    """One step of losses_on + backward with a device sync between its parts: seconds per part."""
+def timed_sections(task: RefineTask, step: int, probe=None) -> dict[str, float]:
+    """One step of losses_on + backward with a device sync between its parts: seconds per part. `probe(name)`, where
+    given, is a context manager wrapped around each part (the device-busy profile)."""
     device, w, c = task.device, task.wrapper, task.config
     batch, modes, gen = fixed_prefix_batch(task, step)
     prefix, targets, valid = (t.to(device) for t in (batch.prefix_ids, batch.chunk_ids, batch.chunk_valid))
     modes = modes.to(device)
-    out, t = {}, time.perf_counter()
+    out = {}
 
-    def mark(name: str) -> None:
-        nonlocal t
+    @contextlib.contextmanager
+    def part(name: str):
         sync(device)
-        now = time.perf_counter()
-        out[name] = now - t
-        t = now
+        t = time.perf_counter()
+        with probe(name) if probe else contextlib.nullcontext():
+            yield
+            sync(device)
+        out[name] = time.perf_counter() - t
 
     with autocast(device):
         with torch.no_grad():
-            snapshot, prev = w.prepare_prefix(prefix)
-            mark("prefix pass (no grad)")
-            chunk = build_chunk(w, snapshot, prev, targets, modes, gen, decoder=task.decoder)
-            mark(f"build chunk ({c.chunk_width - 1} decode steps)")
-        result = w.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(valid), prefix_ids=prefix)
-        mark(f"{c.max_inner_steps} inner steps (forward)")
-        terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
-                                  valid, valid)
-        loss = total_loss(terms, c)
-        mark("losses")
-    loss.backward()
-    mark("backward")
+            with part("prefix pass (no grad)"):
+                snapshot, prev = w.prepare_prefix(prefix)
+            with part(f"build chunk ({c.chunk_width - 1} decode steps)"):
+                chunk = build_chunk(w, snapshot, prev, targets, modes, gen, decoder=task.decoder)
+        with part(f"{c.max_inner_steps} inner steps (forward)"):
+            result = w.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(valid), prefix_ids=prefix)
+        with part("losses"):
+            terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens,
+                                      targets, valid, valid)
+            loss = total_loss(terms, c)
+    with part("backward"):
+        loss.backward()
     zero_grads(task)
     return out
+
+
+class DeviceBusy:
+    """Per named part, from torch.profiler: the device's kernel time, kernel launches (graph replays counted as one
+    launch each) and host-device syncs. Wall time far above the device time, with many launches, is a step that
+    costs its launches, not its FLOPs."""
+
+    LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
+    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+    def __init__(self) -> None:
+        self.parts: dict[str, tuple[float, int, int]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            yield
+        events = prof.key_averages()
+        count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        self.parts[name] = (busy, count(self.LAUNCHES), count(self.SYNCS))
 
 
 def zero_grads(task: RefineTask) -> None:
@@ -236,6 +263,14 @@ def sections(base, args) -> dict[str, float]:
     for k, v in parts.items():
         say(f"| {k} | {v:.3f} | {v / total:.0%} |")
     say(f"| sum of the parts | {total:.3f} | |")
+    if args.device_busy and on_gpu:
+        busy = DeviceBusy()
+        timed_sections(task, 1, probe=busy)
+        say("\n| part (profiled once more) | wall s (unprofiled) | device busy s | kernel launches | syncs |\n"
+            "|---|---|---|---|---|")
+        for k, v in parts.items():
+            b, launches, syncs = busy.parts[k]
+            say(f"| {k} | {v:.3f} | {b:.3f} | {launches:,} | {syncs:,} |")
     tokens = args.batch * (args.prefix + args.width)
     say(f"\nphase A: {tokens / total:,.0f} tokens/s (prefix + chunk, fixed prefix)")
     t_decode = decode_step(base, args.batch, args.prefix, device)
@@ -274,6 +309,8 @@ def main() -> None:
     ap.add_argument("--compare-graph", action="store_true",
                     help="time each draft_walk_steps setting with the eager and the CUDA-graphed walk")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
+    ap.add_argument("--device-busy", action="store_true",
+                    help="profile each section (and the vanilla step) once more: device busy time, launches, syncs")
     ap.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN's attention (rkl does not)")
     ap.add_argument("--base-dtype", choices=["bfloat16", "float32"], default=None,
                     help="the base's weights (default: bfloat16 on a GPU, float32 on a CPU; `rkl train` on a preset "
@@ -304,6 +341,12 @@ def main() -> None:
             p.requires_grad_(False)
         say(f"vanilla fine-tune step (forward + backward, T = {args.prefix + args.width}): {t_van:.3f} s, "
             f"{tokens / t_van:,.0f} tokens/s")
+        if args.device_busy and on_gpu:
+            busy = DeviceBusy()
+            with busy("vanilla"):
+                vanilla_step(base, args.batch, args.prefix + args.width, device)
+            b, launches, syncs = busy.parts["vanilla"]
+            say(f"vanilla step profiled: device busy {b:.3f} s, {launches:,} kernel launches, {syncs:,} syncs")
         if parts is not None:
             total = sum(parts.values())
             no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
