@@ -31,6 +31,7 @@ import torch
 from rkl import ChunkRefineWrapper, RecursiveConfig
 from rkl.data.chunks import ChunkBatch, chunk_batch, chunk_modes
 from rkl.model.base import build_preset
+from rkl.model.cache import restore_cache
 from rkl.model.kernels import set_cudnn_attention
 from rkl.model.drafts import build_chunk
 from rkl.paths import stage_config_path
@@ -263,7 +264,7 @@ def sections(base, args) -> dict[str, float]:
     for k, v in parts.items():
         say(f"| {k} | {v:.3f} | {v / total:.0%} |")
     say(f"| sum of the parts | {total:.3f} | |")
-    if args.device_busy and on_gpu:
+    if args.device_busy:  # on a CPU the device columns stay 0
         busy = DeviceBusy()
         timed_sections(task, 1, probe=busy)
         say("\n| part (profiled once more) | wall s (unprofiled) | device busy s | kernel launches | syncs |\n"
@@ -271,6 +272,18 @@ def sections(base, args) -> dict[str, float]:
         for k, v in parts.items():
             b, launches, syncs = busy.parts[k]
             say(f"| {k} | {v:.3f} | {b:.3f} | {launches:,} | {syncs:,} |")
+        # the base alone over one chunk from the restored prefix cache (no hooks, no gradient): what an inner step's
+        # forward would launch without the sidecar
+        batch, _, _ = fixed_prefix_batch(task, 1)
+        prefix, chunk = batch.prefix_ids.to(device), batch.chunk_ids.to(device)
+        with torch.no_grad(), autocast(device):
+            snapshot, _ = task.wrapper.prepare_prefix(prefix)
+            with busy("base"):
+                task.wrapper.base.model(input_ids=chunk, past_key_values=restore_cache(snapshot), use_cache=True)
+                sync(device)
+        b, launches, syncs = busy.parts["base"]
+        say(f"| one chunk pass of the base alone (cache restored, no sidecar, no grad) | | {b:.3f} | {launches:,} | "
+            f"{syncs:,} |")
     tokens = args.batch * (args.prefix + args.width)
     say(f"\nphase A: {tokens / total:,.0f} tokens/s (prefix + chunk, fixed prefix)")
     t_decode = decode_step(base, args.batch, args.prefix, device)
@@ -337,15 +350,17 @@ def main() -> None:
         vanilla_step(base, args.batch, args.prefix + args.width, device)
         t_van = statistics.median(vanilla_step(base, args.batch, args.prefix + args.width, device)
                                   for _ in range(args.repeats))
+        vanilla_busy = None
+        if args.device_busy:  # on a CPU the device columns stay 0
+            vanilla_busy = DeviceBusy()
+            with vanilla_busy("vanilla"):
+                vanilla_step(base, args.batch, args.prefix + args.width, device)
         for p in base.parameters():
             p.requires_grad_(False)
         say(f"vanilla fine-tune step (forward + backward, T = {args.prefix + args.width}): {t_van:.3f} s, "
             f"{tokens / t_van:,.0f} tokens/s")
-        if args.device_busy and on_gpu:
-            busy = DeviceBusy()
-            with busy("vanilla"):
-                vanilla_step(base, args.batch, args.prefix + args.width, device)
-            b, launches, syncs = busy.parts["vanilla"]
+        if vanilla_busy:
+            b, launches, syncs = vanilla_busy.parts["vanilla"]
             say(f"vanilla step profiled: device busy {b:.3f} s, {launches:,} kernel launches, {syncs:,} syncs")
         if parts is not None:
             total = sum(parts.values())
