@@ -15,7 +15,7 @@ PARTS=" ${PARTS:-test walk phase_a phase_a_b32} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 # the GPU-only test (graph replay == the static step run eagerly, bitwise, small preset; the CPU tests need a machine without
 # triton); needs pytest among the carried wheels
-want test && part test ${TEST_LIMIT:-150} python3 -m pytest -p no:cacheprovider -rs tests/test_static_decode.py -k graph_replay
+want test && part test ${TEST_LIMIT:-150} python3 -m pytest -p no:cacheprovider -rs tests/test_static_decode.py -k "${TEST_K:-graph_replay or grouped_mm}"
 want walk && part walk ${WALK_LIMIT:-300} python3 scripts/bench_static_decode.py --preset "$PRESET" --prefix 1024 \
   --width 64 --rows "${ROWS:-8,64,256}" --repeats 3
 want phase_a && part phase_a ${PHASE_A_LIMIT:-300} python3 scripts/bench_phase_a.py --preset "$PRESET" --batch 8 \

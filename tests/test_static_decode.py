@@ -70,31 +70,35 @@ def test_static_walk_refuses_a_skipped_position_and_the_end_of_its_buffers(base)
         StaticDecoder(base, max_len=7).start(snapshot)
 
 
-@pytest.mark.parametrize("setting, walk", [({}, "cuda_graph"), ({"draft_walk_graph": False}, "eager"),
-                                           ({"lora_rank": 4}, "eager")])
-def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_base(base, setting, walk):
-    """On a CUDA device phase A's frozen base gets the graphed walk; off by config, or with LoRA (a base that trains,
-    not measured with a graph), it walks eagerly; on a CPU always eagerly."""
+@pytest.mark.parametrize("setting, dtype, walk", [
+    ({}, torch.bfloat16, "cuda_graph"),
+    ({}, torch.float32, "eager (routed experts in float32: PyTorch's grouped_mm"),
+    ({"draft_walk_graph": False}, torch.bfloat16, "eager"),
+    ({"lora_rank": 4}, torch.bfloat16, "eager")])
+def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_bf16_base(base, setting, dtype, walk, capsys):
+    """On a CUDA device phase A's frozen bf16 base gets the graphed walk; off by config, or with LoRA (a base that
+    trains, not measured with a graph), it walks eagerly; with float32 routed experts (no graph-safe grouped_mm) it
+    walks eagerly and says why, in run.json's draft_walk and on stderr; on a CPU always eagerly. Broken on purpose
+    (the float32 check removed), the float32 case fails."""
     config = RecursiveConfig(chunk_width=4, max_inner_steps=2, d_state=16, gate_hidden=16, seq_len=20, **setting)
     stream = torch.arange(3, 300)
     tokenizer = SimpleNamespace(eos_token_id=2)
     for device, expected in ((torch.device("cuda"), walk), (torch.device("cpu"), "eager")):
-        model = build_preset("tiny", dtype=torch.float32, device_map="cpu")
+        model = build_preset("tiny", dtype=dtype, device_map="cpu")
         wrapper = ChunkRefineWrapper(model, config)
         task = RefineTask(wrapper, tokenizer, config, stream, stream, device, "a", {})
-        assert task.draft_walk == expected
+        assert task.draft_walk.startswith(expected) and (task.draft_walk == expected) == ("(" not in expected)
         assert (task.decoder is not None) == (expected == "cuda_graph")
+        assert ("runs eagerly, not as a CUDA graph" in capsys.readouterr().err) == ("(" in expected)
         wrapper.remove_hooks()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_static_decode.sh runs it)")
-@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
 @torch.no_grad()
-def test_graph_replay_equals_the_static_step_run_eagerly(base_dtype):
+def test_graph_replay_equals_the_static_step_run_eagerly():
     """On a GPU: the graphed walk gives bitwise the logits of the same static-cache step run without a graph, from
-    two prefixes in turn (the graph reads each walk's state, not the capture's). Under bf16 autocast with a bf16
-    base (the benchmarks) and a float32 one (what `rkl train` runs on a preset)."""
-    model = build_preset("small", dtype=base_dtype, device_map="cuda")  # kernels shared with the benchmarks
+    two prefixes in turn (the graph reads each walk's state, not the capture's), under bf16 autocast."""
+    model = build_preset("small", dtype=torch.bfloat16, device_map="cuda")  # kernels shared with the benchmarks
     wrapper = ChunkRefineWrapper(model, None)
     graphed, plain = StaticDecoder(model, 48), StaticDecoder(model, 48, graph=False)
     gen = torch.Generator().manual_seed(0)
@@ -107,6 +111,28 @@ def test_graph_replay_equals_the_static_step_run_eagerly(base_dtype):
                             walk_logits(plain.start(snapshot), fed, prefix_len)):
                 assert torch.equal(a, b)
     assert graphed.captures == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_static_decode.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_mm_captures_in_bf16_only(dtype):
+    """What graph_blocker says, on a GPU: PyTorch's grouped_mm (the routed experts' kernel in transformers 5) can be
+    captured with bf16 weights and not with float32 ones. If a later PyTorch captures float32 too, this fails and
+    graph_blocker can let float32 bases walk as a graph."""
+    x = torch.randn(8, 32, device="cuda", dtype=dtype)
+    w = torch.randn(4, 32, 16, device="cuda", dtype=dtype)
+    offs = torch.tensor([2, 4, 6, 8], device="cuda", dtype=torch.int32)
+    mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    mm(x, w, offs=offs)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    captured = True
+    try:
+        with torch.cuda.graph(graph):
+            mm(x, w, offs=offs)
+    except RuntimeError:
+        captured = False
+    assert captured == (dtype == torch.bfloat16)
 
 
 @torch.no_grad()

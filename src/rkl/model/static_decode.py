@@ -25,7 +25,9 @@ eagerly, and tests compare it with the eager walk.
 Used for phase A's frozen, unsharded base only. A graph bakes in what its capture ran: FSDP's all-gathers (hooks
 that allocate and communicate) cannot be replayed, and a base that trains (LoRA, unfrozen layers) was not measured
 with one, so rkl.train.refine_phases walks eagerly there. Where a capture fails anyway (an operation that waits on
-the host, under a setting not measured), the decoder says so once and runs the same step eagerly.
+the host, under a setting not measured), the decoder says so once and runs the same step eagerly. One such setting
+is known beforehand (`graph_blocker`): routed experts that are not bf16, such as a float32 base under bf16 autocast;
+phase A then walks eagerly and run.json says why.
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ class _StaticLatentLayer(StaticLayer):
         return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
 
 
+def graph_blocker(base: torch.nn.Module) -> str | None:
+    """Why the base's decode step cannot be captured as a CUDA graph, or None. The routed experts run through
+    PyTorch's grouped_mm, whose graph-safe kernel takes bf16 weights only; for float32 experts (a float32 base under
+    bf16 autocast: grouped_mm is not an autocast op, so they stay float32) it falls back to a loop over groups that
+    copies the group offsets to the host, which a capture refuses (found on an H100, 2026-12-06)."""
+    dtypes = {p.dtype for name, p in base.named_parameters()
+              if name.rsplit(".", 2)[-2:-1] == ["experts"] and name.endswith(("gate_up_proj", "down_proj"))}
+    if dtypes - {torch.bfloat16}:
+        return (f"routed experts in {', '.join(sorted(str(d)[6:] for d in dtypes - {torch.bfloat16}))}: PyTorch's "
+                "grouped_mm has a graph-safe kernel for bf16 weights only (a bf16 base, e.g. --dtype bfloat16, walks "
+                "as a graph)")
+    return None
+
+
 # Slots kept at once: training's walk and validation's (another row count, eval mode). Each holds KDA states for its
 # rows (about 40 MiB a row at the 48B widths) and a graph's memory; a third kind (a short last group) evicts one.
 MAX_SLOTS = 2
@@ -75,13 +91,13 @@ class StaticDecoder:
     """`start(snapshot)` loads a cache snapshot into static buffers and returns `step(tokens [B], position) -> logits
     [B, V]`: the base's next-token logits after feeding `tokens` at `position` (prefix length, then +1 per step).
     The logits are the graph's output buffer: use them before the next step. graph: capture CUDA graphs (default:
-    on a CUDA device); False runs the same static-cache step eagerly."""
+    on a CUDA device, unless graph_blocker names a reason); False runs the same static-cache step eagerly."""
 
     def __init__(self, base: torch.nn.Module, max_len: int, graph: bool | None = None) -> None:
         self.base = base
         self.max_len = max_len
         self.device = next(base.parameters()).device
-        self.graph = self.device.type == "cuda" if graph is None else graph
+        self.graph = self.device.type == "cuda" and graph_blocker(base) is None if graph is None else graph
         self.slots: dict[tuple, _Slot] = {}
         self.key_index = torch.arange(max_len, device=self.device)  # what the mask compares the position with
         self.captures = 0  # graphs captured so far (a benchmark reports it)

@@ -26,7 +26,7 @@ from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import Noise, build_chunk
-from rkl.model.static_decode import StaticDecoder
+from rkl.model.static_decode import StaticDecoder, graph_blocker
 from rkl.model.weights import SafetensorsStream
 from rkl.model.adapters import UNFROZEN_FILE, apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
@@ -66,9 +66,15 @@ class RefineTask:
         # A graph replays what its capture ran: only the base it was built and measured for gets one, frozen (no
         # LoRA, no unfrozen layers) and unsharded (FSDP all-gathers each layer in Python hooks, which cannot replay).
         frozen = not self.lora_params and not self.unfrozen and not any(is_sharded(p) for p in base.parameters())
+        blocker = graph_blocker(base) if config.draft_walk_graph and frozen and device.type == "cuda" else None
         self.decoder = (StaticDecoder(base, config.seq_len)
-                        if config.draft_walk_graph and frozen and device.type == "cuda" else None)
+                        if config.draft_walk_graph and frozen and device.type == "cuda" and not blocker else None)
         self.draft_walk = "cuda_graph" if self.decoder is not None else "eager"
+        if blocker:  # the graph was asked for and is possible in principle: say why this run walks eagerly
+            self.draft_walk += f" ({blocker})"
+            if self.rank == 0:
+                print(f"rkl: the draft walk runs eagerly, not as a CUDA graph: {blocker}", file=sys.stderr,
+                      flush=True)
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
             # was resumed from), so a resumed phase C continues exactly and drift includes phase B's LoRA.
