@@ -126,13 +126,17 @@ class DeviceBusy:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             yield
         events = prof.key_averages()
         count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
-        busy = sum(e.self_device_time_total for e in events) / 1e6
+        # the kernels' own events only: torch.profiler also books each kernel's time under the operator (or graph
+        # launch) that launched it, so a sum over every event counts it twice
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e6
         self.parts[name] = (busy, count(self.LAUNCHES), count(self.SYNCS))
 
 

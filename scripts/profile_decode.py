@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from rkl.model.base import build_preset
@@ -73,7 +74,11 @@ def main() -> None:
             sync()
     events = prof.key_averages()
     count = lambda name: sum(e.count for e in events if e.key == name) / args.steps  # noqa: E731
-    device_us = sum(e.self_device_time_total for e in events) / args.steps if on_gpu else float("nan")
+    # the kernels' own events only: torch.profiler also books each kernel's time under the operator that launched it,
+    # so a sum over every event (what this script summed until 2026-12-06) counts it twice
+    device_us = (sum(e.self_device_time_total for e in events
+                   if e.device_type != DeviceType.CPU and not e.is_user_annotation) / args.steps
+                 if on_gpu else float("nan"))
     print(f"{args.preset}, batch {args.batch}, prefix {args.prefix}: {wall * 1e3:.1f} ms per decode step (wall), "
           f"device busy {device_us / 1e3:.1f} ms per step")
     print(f"per step: {count('cudaLaunchKernel') + count('cuLaunchKernel') + count('cuLaunchKernelEx'):.0f} kernel "
