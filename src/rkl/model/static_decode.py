@@ -2,7 +2,7 @@
 
 Why: the draft walk (rkl.model.drafts.build_chunk) is W - 1 cached single-token decode steps of the base, and on a
 GPU each step costs its kernel launches, not its arithmetic: profiled on one H200 (small preset, 2026-12-04,
-docs/benchmarks.md), 1,181 launches and 30-48 ms of wall time per step for 6-11 ms of GPU work. A CUDA graph
+docs/benchmarks.md), 1,181 launches and 30-48 ms of wall time per step for about 3-5.5 ms of GPU work. A CUDA graph
 replays all of a step's kernels with one launch.
 
 A graph replays fixed addresses and cannot wait on the host, so every tensor the step touches must live in one place
