@@ -271,7 +271,8 @@ def sections(base, args) -> dict[str, float]:
     if args.device_busy:  # on a CPU the device columns stay 0
         busy = DeviceBusy()
         timed_sections(task, 1, probe=busy)
-        say("\n| part (profiled once more) | wall s (unprofiled) | device busy s | kernel launches | syncs |\n"
+        say("\n| part (profiled once more) | wall s (unprofiled) | device busy s | kernel launches | syncs (1 the "
+            "benchmark's own) |\n"
             "|---|---|---|---|---|")
         for k, v in parts.items():
             b, launches, syncs = busy.parts[k]
@@ -365,7 +366,8 @@ def main() -> None:
             f"{tokens / t_van:,.0f} tokens/s")
         if vanilla_busy:
             b, launches, syncs = vanilla_busy.parts["vanilla"]
-            say(f"vanilla step profiled: device busy {b:.3f} s, {launches:,} kernel launches, {syncs:,} syncs")
+            say(f"vanilla step profiled: device busy {b:.3f} s, {launches:,} kernel launches, {syncs:,} syncs (2 the "
+                "benchmark's own)")
         if parts is not None:
             total = sum(parts.values())
             no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]

@@ -21,7 +21,7 @@ from rkl.data.chunks import GREEDY
 from rkl.model.base import build_preset
 from rkl.model.drafts import _eager_steps, build_chunk
 from rkl.model.kernels import set_cudnn_attention
-from rkl.model.static_decode import StaticDecoder
+from rkl.model.static_decode import StaticDecoder, graph_blocker
 from rkl.model.wrapper import ChunkRefineWrapper
 
 
@@ -57,10 +57,14 @@ def main() -> None:
     say(f"{args.preset}: {sum(p.numel() for p in base.parameters()) / 1e9:.2f}B parameters on "
         f"{torch.cuda.get_device_name() if on_gpu else 'cpu'}; prefix {args.prefix}, W {args.width}, "
         f"{str(next(base.parameters()).dtype)[6:]} weights{' under bf16 autocast' if on_gpu else ''}, greedy drafts")
+    blocker = graph_blocker(base) if on_gpu else None
+    if blocker:
+        say(f"graph_blocker expects the capture to fail: {blocker}")
     gen = torch.Generator().manual_seed(0)
     table = []
     for rows in [int(r) for r in args.rows.split(",")]:
-        decoder = StaticDecoder(base, args.prefix + args.width)
+        # on a GPU, capture even where graph_blocker expects a refusal (a float32 base), to show what happens
+        decoder = StaticDecoder(base, args.prefix + args.width, graph=on_gpu)
         modes = torch.full((rows, args.width), GREEDY, device=device)
         targets = torch.zeros(rows, args.width, dtype=torch.long, device=device)
         eager_s, graph_s, same_rows, logit_diff, first_graphed = [], [], [], [], None
@@ -85,7 +89,7 @@ def main() -> None:
         table.append((rows, e, g, first_graphed, max(logit_diff), statistics.mean(same_rows), decoder.captures))
         say(f"rows {rows}: eager {e:.3f} s per walk, graphed {g:.3f} s ({e / g:.2f}x)")
         del decoder
-    say(f"\n| rows | eager walk | graphed walk | speedup | first start and step (2 warm-up steps + capture) "
+    say(f"\n| rows | eager walk | graphed walk (eager static step where graphs is 0) | speedup | first start and step (2 warm-up steps + capture) "
         f"| max logit diff at the first step | rows identical | graphs |\n|---|---|---|---|---|---|---|---|")
     for rows, e, g, first, diff, same, caps in table:
         say(f"| {rows} | {e * 1e3:.0f} ms | {g * 1e3:.0f} ms | {e / g:.2f}x | {first * 1e3:.0f} ms | {diff:.3g} | "

@@ -81,7 +81,9 @@ def main() -> None:
                  if on_gpu else float("nan"))
     print(f"{args.preset}, batch {args.batch}, prefix {args.prefix}: {wall * 1e3:.1f} ms per decode step (wall), "
           f"device busy {device_us / 1e3:.1f} ms per step")
-    print(f"per step: {count('cudaLaunchKernel') + count('cuLaunchKernel') + count('cuLaunchKernelEx'):.0f} kernel "
+    launches = sum(count(n) for n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                                      "cudaGraphLaunch"))  # the names bench_phase_a.py's DeviceBusy counts
+    print(f"per step: {launches:.0f} kernel "
           f"launches, {count('cudaStreamSynchronize') + count('cudaDeviceSynchronize'):.0f} syncs, "
           f"{count('cudaMemcpyAsync'):.0f} memcpy, {count('aten::item') + count('aten::_local_scalar_dense'):.0f} "
           f".item()-like reads, {count('aten::nonzero'):.0f} nonzero")

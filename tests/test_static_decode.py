@@ -12,7 +12,8 @@ from rkl import ChunkRefineWrapper, RecursiveConfig
 from rkl.data.chunks import GREEDY
 from rkl.model.base import build_preset
 from rkl.model.drafts import _eager_steps, build_chunk
-from rkl.model.static_decode import StaticDecoder
+from rkl.model.adapters import apply_lora
+from rkl.model.static_decode import StaticDecoder, graph_by_default
 from rkl.train.refine_phases import RefineTask
 
 
@@ -74,7 +75,7 @@ def test_static_walk_refuses_a_skipped_position_and_the_end_of_its_buffers(base)
     ({}, torch.bfloat16, "cuda_graph"),
     ({}, torch.float32, "eager (routed experts in float32: PyTorch's grouped_mm"),
     ({"draft_walk_graph": False}, torch.bfloat16, "eager"),
-    ({"lora_rank": 4}, torch.bfloat16, "eager")])
+    ({"lora_rank": 4}, torch.bfloat16, "eager")], ids=["bf16", "float32", "off", "lora"])
 def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_bf16_base(base, setting, dtype, walk, capsys):
     """On a CUDA device phase A's frozen bf16 base gets the graphed walk; off by config, or with LoRA (a base that
     trains, not measured with a graph), it walks eagerly; with float32 routed experts (no graph-safe grouped_mm) it
@@ -113,8 +114,25 @@ def test_graph_replay_equals_the_static_step_run_eagerly():
     assert graphed.captures == 1
 
 
+@pytest.mark.parametrize("dtype, lora, expected", [(torch.bfloat16, False, True), (torch.float32, False, False),
+                                                   (torch.float16, False, False), (torch.float32, True, False)],
+                         ids=["bf16", "float32", "float16", "float32-lora"])
+def test_a_decoder_captures_by_default_only_on_a_gpu_with_bf16_experts(dtype, lora, expected):
+    """StaticDecoder's default: graphs on CUDA where the routed experts are bf16, also with peft's wrappers around
+    the experts (their names gain base_layer segments); never on a CPU. Broken on purpose (the blocker ignored in
+    the default, or matching only unwrapped names), the float32 cases fail."""
+    model = build_preset("tiny", dtype=dtype, device_map="cpu")
+    if lora:
+        apply_lora(model, RecursiveConfig(lora_rank=4, lora_experts=True, lora_layers="all"))
+        experts = [n for n, _ in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                   or ".experts.base_layer" in n and n.endswith(("gate_up_proj", "down_proj"))]
+        assert experts and all(".experts.base_layer" in n for n in experts)  # every routed expert wrapped
+    assert graph_by_default(model, torch.device("cuda")) is expected
+    assert graph_by_default(model, torch.device("cpu")) is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_static_decode.sh runs it)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 def test_grouped_mm_captures_in_bf16_only(dtype):
     """What graph_blocker says, on a GPU: PyTorch's grouped_mm (the routed experts' kernel in transformers 5) can be
     captured with bf16 weights and not with float32 ones. If a later PyTorch captures float32 too, this fails and

@@ -58,17 +58,28 @@ class _StaticLatentLayer(StaticLayer):
 
 
 def graph_blocker(base: torch.nn.Module) -> str | None:
-    """Why the base's decode step cannot be captured as a CUDA graph, or None. The routed experts run through
-    PyTorch's grouped_mm, whose graph-safe kernel takes bf16 weights only; for float32 experts (a float32 base under
-    bf16 autocast: grouped_mm is not an autocast op, so they stay float32) it falls back to a loop over groups that
-    copies the group offsets to the host, which a capture refuses (found on an H100, 2026-12-06)."""
+    """Why the base's decode step cannot be captured as a CUDA graph, where that is known beforehand, or None. With
+    transformers' default experts implementation the routed experts run through PyTorch's grouped_mm, whose
+    graph-safe kernel takes bf16 weights only; for float32 experts (a float32 base under bf16 autocast: grouped_mm is
+    not an autocast op, so they stay float32) it falls back to a loop over the groups that copies the group offsets
+    to the host, which a capture refuses (found on an H100, 2026-12-06; tests/test_static_decode.py checks it on a
+    GPU). Other experts implementations are left to the capture itself (start() falls back if it fails)."""
+    if getattr(base.config, "_experts_implementation", None) != "grouped_mm":
+        return None
+    # peft's wrappers put `base_layer` segments between `experts` and the weight's name
     dtypes = {p.dtype for name, p in base.named_parameters()
-              if name.rsplit(".", 2)[-2:-1] == ["experts"] and name.endswith(("gate_up_proj", "down_proj"))}
+              if ".experts." in name and name.endswith(("gate_up_proj", "down_proj"))}
     if dtypes - {torch.bfloat16}:
         return (f"routed experts in {', '.join(sorted(str(d)[6:] for d in dtypes - {torch.bfloat16}))}: PyTorch's "
                 "grouped_mm has a graph-safe kernel for bf16 weights only (a bf16 base, e.g. --dtype bfloat16, walks "
                 "as a graph)")
     return None
+
+
+def graph_by_default(base: torch.nn.Module, device: torch.device) -> bool:
+    """Whether a StaticDecoder on `device` captures graphs unless told otherwise: on CUDA, where nothing known
+    blocks it."""
+    return device.type == "cuda" and graph_blocker(base) is None
 
 
 # Slots kept at once: training's walk and validation's (another row count, eval mode). Each holds KDA states for its
@@ -97,7 +108,7 @@ class StaticDecoder:
         self.base = base
         self.max_len = max_len
         self.device = next(base.parameters()).device
-        self.graph = self.device.type == "cuda" and graph_blocker(base) is None if graph is None else graph
+        self.graph = graph_by_default(base, self.device) if graph is None else graph
         self.slots: dict[tuple, _Slot] = {}
         self.key_index = torch.arange(max_len, device=self.device)  # what the mask compares the position with
         self.captures = 0  # graphs captured so far (a benchmark reports it)
