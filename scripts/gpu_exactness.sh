@@ -11,7 +11,7 @@ part() { local name=$1 limit=$2; shift 2; local s=$SECONDS
   timeout "$limit" "$@" > "$S/$name.txt" 2>&1; echo "== $name: exit $? after $((SECONDS - s)) s" | tee -a "$S/summary.txt"; }
 PRESETS=${PRESETS:-small kimi_linear_48b_a3b}
 for P in $PRESETS; do
-  L=50; [ $P = small ] || L=25
+  L=50; [ $P = small ] || L=25; L=${LIMIT:-$L}
   rm -rf eval_results
   part surgery_$P 150 python3 -m rkl surgery --model $P --out $W/$P "${CLI[@]}"
   for stage in baseline after_surgery; do
