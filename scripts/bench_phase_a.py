@@ -226,6 +226,40 @@ def walk_comparison(base, args) -> dict[tuple[int, str], tuple[float, float, flo
     return rows
 
 
+def group_profile(base, args, g: int) -> None:
+    """Where a draft_walk_steps = g group's time goes (--device-busy with --walk-steps): the group's one walk of g
+    batches (task.drafted at the group's first step, prefix pass included) and a step that finds its chunk walked
+    already, each by wall time, kernel time, launches and syncs; beside a step of draft_walk_steps 1."""
+    rows = []
+    for steps in (1, g):
+        task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=steps)
+        for s in range(steps):  # warm-up: every shape of the group once
+            loop_step(task, s)
+        busy = DeviceBusy()
+        parts = {}
+        if steps > 1:
+            task.walked = {}
+            sync(task.device)
+            t = time.perf_counter()
+            with busy("walk"):
+                task.drafted(0, 0)  # walks the whole group; the step below finds its chunk walked
+                sync(task.device)
+            parts["walk"] = time.perf_counter() - t
+        with busy("step"):
+            parts["step"] = loop_step(task, 0)[0]
+        for name, wall in parts.items():
+            b, launches, syncs = busy.parts[name]
+            label = (f"one walk of the group's {steps} batches ({steps * args.batch} rows, prefix pass included)"
+                     if name == "walk" else f"one step, draft_walk_steps {steps}"
+                     + (" (its chunk walked already)" if steps > 1 else ""))
+            rows.append((label, wall, b, launches, syncs))
+        task.wrapper.remove_hooks()
+        del task
+    say("\n| part (device busy) | wall s | device busy s | kernel launches | syncs |\n|---|---|---|---|---|")
+    for label, wall, b, launches, syncs in rows:
+        say(f"| {label} | {wall:.3f} | {b:.3f} | {launches:,} | {syncs:,} |")
+
+
 def largest_batch(base, args, checkpointing: bool) -> list[tuple[int, str]]:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
@@ -379,6 +413,9 @@ def main() -> None:
             for (steps, walk), (_, tps, _) in rows.items():
                 say(f"phase A at draft_walk_steps {steps}, {walk} walk / vanilla tokens/s = "
                     f"{tps / (tokens / t_van):.2f}")
+    if args.device_busy and args.walk_steps:
+        for g in [int(x) for x in args.walk_steps.split(",")]:
+            group_profile(base, args, g)
     if args.batches:
         for ckpt in (True, False):
             say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")
