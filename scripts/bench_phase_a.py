@@ -11,11 +11,15 @@
    walk (draft_walk_steps = G) beside each step drafting its own.
 4. The largest batch that fits, with and without gradient checkpointing (rkl's per-inner-step recomputation), with
    its peak memory and tokens/s.
+5. With --device-busy: each part of 1 (and the vanilla step, and one chunk pass of the base alone) profiled once more
+   by torch.profiler: the kernels' device time, kernel launches, host-device syncs; with --walk-steps G too, a
+   group's one walk of G batches and a step that finds its chunk walked, beside a step of draft_walk_steps 1.
 
     python scripts/bench_phase_a.py --preset small --batch 8 --prefix 1024 --width 64
     python scripts/bench_phase_a.py --preset kimi_linear_48b_a3b --prefix 512 --width 128 --batch 2 \
         --batches 2,4,8,16,32 --no-vanilla
     python scripts/bench_phase_a.py --preset small --batch 8 --prefix 1024 --width 64 --no-sections --walk-steps 8
+    python scripts/bench_phase_a.py --preset small --batch 8 --prefix 1024 --width 64 --k 4 --device-busy
 """
 
 from __future__ import annotations
