@@ -28,10 +28,13 @@ want walk_fp32 && part walk_fp32 ${WALK_LIMIT:-300} python3 scripts/bench_static
 # where the graphed-walk step goes: each part's wall time beside its device busy time, kernel launches and syncs
 want busy && part busy ${BUSY_LIMIT:-200} python3 scripts/bench_phase_a.py --preset "$PRESET" --batch 8 --prefix 1024 \
   --width 64 --k 4 --repeats 3 --device-busy
+# why draft_walk_steps 8 gains little on top of the graph: the group's one walk and a step without its walk, profiled
+want busy_group && part busy_group ${BUSY_LIMIT:-200} python3 scripts/bench_phase_a.py --preset "$PRESET" --batch 8 \
+  --prefix 1024 --width 64 --k 4 --repeats 2 --no-sections --no-vanilla --walk-steps "${G:-8}" --device-busy
 # at batch 32 the chunk passes carry 4x the tokens for the same launches: how much of the gap to vanilla is launches
 want phase_a_b32 && part phase_a_b32 ${PHASE_A_LIMIT:-300} python3 scripts/bench_phase_a.py --preset "$PRESET" \
   --batch 32 --prefix 1024 --width 64 --k 4 --repeats 2 --no-sections --walk-steps "${G:-8}"
-# not in the default PARTS: walk_fp32, busy, and the 48B-A3B architecture (an H200: 91.5 GiB of weights):
+# not in the default PARTS: walk_fp32, busy, busy_group, and the 48B-A3B architecture (an H200: 91.5 GiB of weights):
 # PARTS="walk_48b phase_a_48b"
 want walk_48b && part walk_48b ${BIG_LIMIT:-300} python3 scripts/bench_static_decode.py --preset kimi_linear_48b_a3b \
   --prefix 512 --width 64 --rows 2,16 --repeats 2
@@ -40,5 +43,5 @@ want phase_a_48b && part phase_a_48b ${BIG_LIMIT:-300} python3 scripts/bench_pha
 save_triton_cache "$O"
 for f in "$S"/*.txt; do echo "=== $f"; cat "$f"; done > "$O/log.txt"
 echo; cat "$S/summary.txt"
-for p in test walk walk_fp32 phase_a busy phase_a_b32 walk_48b phase_a_48b; do f="$S/$p.txt"
+for p in test walk walk_fp32 phase_a busy busy_group phase_a_b32 walk_48b phase_a_48b; do f="$S/$p.txt"
   [ -f "$f" ] && { echo "== $(basename "$f" .txt)"; grep -E "^\||parameters|walk|vanilla|rror|passed|failed|skipped" "$f" | tail -24; }; done
