@@ -374,7 +374,7 @@ def main() -> None:
     args = ap.parse_args()
 
     on_gpu = torch.cuda.is_available()
-    base = build_preset(args.preset, dtype=base_dtype(args, on_gpu))
+    base = build_preset(args.preset, dtype=getattr(torch, args.base_dtype or ("bfloat16" if on_gpu else "float32")))
     set_cudnn_attention(args.cudnn_attention)
     device = next(base.parameters()).device
     n_params = sum(p.numel() for p in base.parameters())
@@ -424,12 +424,6 @@ def main() -> None:
         for ckpt in (True, False):
             say(f"\nlargest batch, gradient checkpointing {'on' if ckpt else 'off'}:")
             largest_batch(base, args, ckpt)
-
-
-def base_dtype(args, on_gpu: bool) -> torch.dtype:
-    if args.base_dtype:
-        return getattr(torch, args.base_dtype)
-    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def say(line: str) -> None:

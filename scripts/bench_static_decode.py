@@ -50,7 +50,7 @@ def main() -> None:
                          "keeps float32 weights under bf16 autocast)")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
-    base = build_preset(args.preset, dtype=base_dtype(args, on_gpu))
+    base = build_preset(args.preset, dtype=getattr(torch, args.base_dtype or ("bfloat16" if on_gpu else "float32")))
     set_cudnn_attention(False)
     device = next(base.parameters()).device
     wrapper = ChunkRefineWrapper(base, None)  # the walk reads wrapper.base only; no sidecar
@@ -89,17 +89,12 @@ def main() -> None:
         table.append((rows, e, g, first_graphed, max(logit_diff), statistics.mean(same_rows), decoder.captures))
         say(f"rows {rows}: eager {e:.3f} s per walk, graphed {g:.3f} s ({e / g:.2f}x)")
         del decoder
-    say(f"\n| rows | eager walk | graphed walk (eager static step where graphs is 0) | speedup | first start and step (2 warm-up steps + capture) "
-        f"| max logit diff at the first step | rows identical | graphs |\n|---|---|---|---|---|---|---|---|")
+    say(f"\n| rows | eager walk | graphed walk (eager static step where graphs is 0) | speedup "
+        f"| first start and step (2 warm-up steps + capture) | max logit diff at the first step | rows identical "
+        f"| graphs |\n|---|---|---|---|---|---|---|---|")
     for rows, e, g, first, diff, same, caps in table:
         say(f"| {rows} | {e * 1e3:.0f} ms | {g * 1e3:.0f} ms | {e / g:.2f}x | {first * 1e3:.0f} ms | {diff:.3g} | "
             f"{same:.0%} | {caps} |")
-
-
-def base_dtype(args, on_gpu: bool) -> torch.dtype:
-    if args.base_dtype:
-        return getattr(torch, args.base_dtype)
-    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def say(line: str) -> None:

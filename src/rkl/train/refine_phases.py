@@ -66,9 +66,9 @@ class RefineTask:
         # A graph replays what its capture ran: only the base it was built and measured for gets one, frozen (no
         # LoRA, no unfrozen layers) and unsharded (FSDP all-gathers each layer in Python hooks, which cannot replay).
         frozen = not self.lora_params and not self.unfrozen and not any(is_sharded(p) for p in base.parameters())
-        blocker = graph_blocker(base) if config.draft_walk_graph and frozen and device.type == "cuda" else None
-        self.decoder = (StaticDecoder(base, config.seq_len)
-                        if config.draft_walk_graph and frozen and device.type == "cuda" and not blocker else None)
+        wanted = config.draft_walk_graph and frozen and device.type == "cuda"
+        blocker = graph_blocker(base) if wanted else None
+        self.decoder = StaticDecoder(base, config.seq_len) if wanted and not blocker else None
         self.draft_walk = "cuda_graph" if self.decoder is not None else "eager"
         if blocker:  # the graph was asked for and is possible in principle: say why this run walks eagerly
             self.draft_walk += f" ({blocker})"
