@@ -127,6 +127,7 @@ class DeviceBusy:
 
     def __init__(self) -> None:
         self.parts: dict[str, tuple[float, int, int]] = {}
+        self.top: dict[str, list[tuple[str, float, int]]] = {}  # part -> its kernels by device time: (name, s, count)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -139,9 +140,20 @@ class DeviceBusy:
         count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
         # the kernels' own events only: torch.profiler also books each kernel's time under the operator (or graph
         # launch) that launched it, so a sum over every event counts it twice
-        busy = sum(e.self_device_time_total for e in events
-                   if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e6
+        kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
         self.parts[name] = (busy, count(self.LAUNCHES), count(self.SYNCS))
+        kernels.sort(key=lambda e: -e.self_device_time_total)
+        self.top[name] = [(e.key, e.self_device_time_total / 1e6, e.count) for e in kernels]
+
+    def say_top(self, name: str, label: str, n: int = 8) -> None:
+        """The part's n kernels that took the most device time: which work its busy time is."""
+        kernels, busy = self.top[name], self.parts[name][0]
+        if not kernels:
+            return
+        say(f"\n| {label}: top kernels | device s | share | launches |\n|---|---|---|---|")
+        for key, secs, calls in kernels[:n]:
+            say(f"| `{key[:90]}` | {secs:.4f} | {secs / busy:.0%} | {calls:,} |")
 
 
 def zero_grads(task: RefineTask) -> None:
@@ -256,12 +268,14 @@ def group_profile(base, args, g: int) -> None:
             label = (f"one walk of the group's {steps} batches ({steps * args.batch} rows, prefix pass included)"
                      if name == "walk" else f"one step, draft_walk_steps {steps}"
                      + (" (its chunk walked already)" if steps > 1 else ""))
-            rows.append((label, wall, b, launches, syncs))
+            rows.append((label, wall, b, launches, syncs, (busy, name)))
         task.wrapper.remove_hooks()
         del task
     say("\n| part (device busy) | wall s | device busy s | kernel launches | syncs |\n|---|---|---|---|---|")
-    for label, wall, b, launches, syncs in rows:
+    for label, wall, b, launches, syncs, _ in rows:
         say(f"| {label} | {wall:.3f} | {b:.3f} | {launches:,} | {syncs:,} |")
+    for label, *_, (busy, name) in rows:
+        busy.say_top(name, label)
 
 
 def largest_batch(base, args, checkpointing: bool) -> list[tuple[int, str]]:
@@ -327,6 +341,9 @@ def sections(base, args) -> dict[str, float]:
         b, launches, syncs = busy.parts["base"]
         say(f"| one chunk pass of the base alone (cache restored, no sidecar, no grad) | | {b:.3f} | {launches:,} | "
             f"{syncs:,} |")
+        for k in parts:
+            if k.startswith("build chunk") or k == "backward":
+                busy.say_top(k, k)
     tokens = args.batch * (args.prefix + args.width)
     say(f"\nphase A: {tokens / total:,.0f} tokens/s (prefix + chunk, fixed prefix)")
     t_decode = decode_step(base, args.batch, args.prefix, device)
