@@ -22,21 +22,51 @@ from rkl.model.static_decode import StaticDecoder
 class Noise:
     """Where the Gumbel noise of a chunk's SAMPLE positions comes from: `generator` (CPU), drawn as for the whole
     batch with modes `modes` [N, W] (the global batch, in data parallel), of which the chunk holds `rows`. Drawn
-    this way, a row's sample does not depend on how the batch is split across processes or grouped into walks."""
+    this way, a row's sample does not depend on how the batch is split across processes or grouped into walks.
+
+    The uniforms are drawn on the device that samples, from a generator there seeded once from `generator` (one
+    draw, at construction), and only for the rows that sample at a position. Drawn on the host for every row of
+    the batch and copied over, as they were before, the uniforms of one walk of 256 rows (72 of them sampling) over a
+    32,000-token vocabulary took 1.7 s of a 2-core CPU, 10x what this way takes there (`scripts/bench_noise.py`,
+    docs/benchmarks.md), where the graphed walk's 63 decode steps at 256 rows took 0.83 s on an H100."""
 
     generator: torch.Generator | None
     modes: torch.Tensor
     rows: slice | torch.Tensor = field(default_factory=lambda: slice(None))
 
+    def __post_init__(self) -> None:
+        # generator None: the device's default generator, as torch.rand without one
+        self.seed = None if self.generator is None else int(
+            torch.randint(0, 2**63 - 1, (1,), generator=self.generator))
+        self._streams: dict[torch.device, torch.Generator] = {}
+
     def count(self) -> int:
         """How many rows of the chunk this source's noise is for."""
         return len(range(self.modes.shape[0])[self.rows]) if isinstance(self.rows, slice) else len(self.rows)
 
-    def draw(self, j: int, vocab: int) -> torch.Tensor | None:
-        """[rows, vocab] uniforms for position j, or None where no row of the batch samples there (nothing drawn)."""
-        if not bool((self.modes[:, j] == SAMPLE).any()):
+    def draw(self, j: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the chunk's rows that sample at position j [n], their uniforms [n, vocab]), both on `device`, or None
+        where none of them does. The whole batch's sampling rows are drawn either way, so the stream stays the one
+        the whole batch draws, whichever rows the chunk holds."""
+        sampling = self.modes[:, j] == SAMPLE
+        if not bool(sampling.any()):
             return None
-        return torch.rand(self.modes.shape[0], vocab, generator=self.generator)[self.rows]
+        drawn = torch.rand(int(sampling.sum()), vocab, generator=self._stream(device), device=device)
+        mine = torch.arange(self.modes.shape[0])[self.rows]  # the chunk's rows, as rows of the global batch
+        takes = sampling[mine]
+        if not bool(takes.any()):
+            return None
+        order = torch.cumsum(sampling, 0) - 1  # a sampling row's index among the drawn ones
+        return takes.nonzero()[:, 0].to(device), drawn[order[mine[takes]].to(device)]
+
+    def _stream(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        device = torch.device(device)
+        if device not in self._streams:
+            self._streams[device] = torch.Generator(device=device)
+            self._streams[device].manual_seed(self.seed)
+        return self._streams[device]
 
 
 @torch.no_grad()
@@ -61,19 +91,23 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
     sources = noise if noise is not None else [Noise(generator, modes.cpu())]
     if sum(src.count() for src in sources) != b:
         raise ValueError(f"the noise sources cover {sum(src.count() for src in sources)} rows, the chunk has {b}")
-    sampling = modes == SAMPLE
     logits = prev_logits.float()
     toks = []
     for j in range(w):
         pick = logits.argmax(-1).to(dev)
-        drawn = [src.draw(j, logits.shape[1]) for src in sources]  # the decision is on the host: no device sync
-        if any(u is not None for u in drawn):
-            # a source that draws nothing here has no SAMPLE row at j: its rows keep `pick`, whatever u says
-            u = torch.cat([torch.ones(src.count(), logits.shape[1]) if d is None else d
-                           for src, d in zip(sources, drawn)])
-            u = u.clamp_(1e-20, 1.0).to(logits.device)
-            pick = torch.where(sampling[:, j], (logits - torch.log(-torch.log(u))).argmax(-1).to(dev), pick)
-        tok = torch.where((modes[:, j] == GREEDY) | sampling[:, j], pick, targets[:, j])
+        # which rows sample is decided on the host (no device sync); their uniforms are drawn on the logits' device
+        rows, uniforms, offset = [], [], 0
+        for src in sources:
+            drawn = src.draw(j, logits.shape[1], logits.device)
+            if drawn is not None:
+                rows.append(drawn[0] + offset)
+                uniforms.append(drawn[1])
+            offset += src.count()
+        if rows:
+            rows = torch.cat(rows).to(dev)
+            gumbel = -torch.log(-torch.log(torch.cat(uniforms).clamp_(1e-20, 1.0)))
+            pick = pick.index_copy(0, rows, (logits[rows.to(logits.device)] + gumbel).argmax(-1).to(dev))
+        tok = torch.where((modes[:, j] == GREEDY) | (modes[:, j] == SAMPLE), pick, targets[:, j])
         toks.append(tok)
         if j + 1 < w:
             logits = decode(tok, p + j).float()
