@@ -245,24 +245,32 @@ def walk_comparison(base, args) -> dict[tuple[int, str], tuple[float, float, flo
 def group_profile(base, args, g: int) -> None:
     """Where a draft_walk_steps = g group's time goes (--device-busy with --walk-steps): the group's one walk of g
     batches (task.drafted at the group's first step, prefix pass included) and a step that finds its chunk walked
-    already, each by wall time, kernel time, launches and syncs; beside a step of draft_walk_steps 1."""
+    already, each by wall time (unprofiled) and then kernel time, launches and syncs (profiled once more); beside a
+    step of draft_walk_steps 1."""
     rows = []
     for steps in (1, g):
         task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=steps)
         for s in range(steps):  # warm-up: every shape of the group once
             loop_step(task, s)
         busy = DeviceBusy()
-        parts = {}
-        if steps > 1:
-            task.walked = {}
-            sync(task.device)
-            t = time.perf_counter()
-            with busy("walk"):
-                task.drafted(0, 0)  # walks the whole group; the step below finds its chunk walked
+
+        def run(probe) -> dict[str, float]:
+            """wall seconds of the group's walk (steps > 1) and of step 1, each inside probe(name)"""
+            out = {}
+            if steps > 1:
+                task.walked = {}
                 sync(task.device)
-            parts["walk"] = time.perf_counter() - t
-        with busy("step"):
-            parts["step"] = loop_step(task, 0)[0]
+                t = time.perf_counter()
+                with probe("walk"), autocast(task.device):  # as the loop runs it (a graph per autocast dtype)
+                    task.drafted(0, 0)  # walks the whole group; step 1 below finds its chunk walked
+                    sync(task.device)
+                out["walk"] = time.perf_counter() - t
+            with probe("step"):
+                out["step"] = loop_step(task, 1)[0]
+            return out
+
+        parts = run(lambda name: contextlib.nullcontext())  # the wall times: without the profiler's own cost
+        run(busy)
         for name, wall in parts.items():
             b, launches, syncs = busy.parts[name]
             label = (f"one walk of the group's {steps} batches ({steps * args.batch} rows, prefix pass included)"

@@ -57,7 +57,7 @@ class Noise:
         if not bool(takes.any()):
             return None
         order = torch.cumsum(sampling, 0) - 1  # a sampling row's index among the drawn ones
-        return takes.nonzero()[:, 0].to(device), drawn[order[mine[takes]].to(device)]
+        return _to_device(takes.nonzero()[:, 0], device), drawn[_to_device(order[mine[takes]], device)]
 
     def _stream(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -67,6 +67,14 @@ class Noise:
             self._streams[device] = torch.Generator(device=device)
             self._streams[device].manual_seed(self.seed)
         return self._streams[device]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the device: a copy from pageable memory synchronizes the
+    stream, which in the graphed walk would leave the GPU idle at every sampled position while the host catches up."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()
