@@ -2,8 +2,8 @@
 """The sampling noise of a draft walk, side by side in one process: the uniforms drawn on the host for every row and
 position of the batch and copied to the device (rkl before 2026-12-06), against rkl.model.drafts.Noise (drawn on the
 device, only for the rows that sample at a position). Modes as phase A draws them at its defaults (draft share 0.5,
-splice share 0.5, corruption rate 0.3): about a quarter of the rows sample. Prints milliseconds per walk of W - 1
-positions and the ratio; nothing else of the walk runs.
+splice share 0.5, corruption rate 0.3): about a quarter of the rows sample. Prints milliseconds per walk of W
+positions (build_chunk samples at every one) and the ratio; nothing else of the walk runs.
 
     python scripts/bench_noise.py --rows 8,64,256 --vocab 32000,163840
 """
@@ -28,14 +28,14 @@ def sync(device: torch.device) -> None:
 def host_walk(modes: torch.Tensor, vocab: int, device: torch.device) -> None:
     """The noise as rkl drew it before: [rows, vocab] on the host at every position where any row samples."""
     g = torch.Generator().manual_seed(0)
-    for j in range(modes.shape[1] - 1):
+    for j in range(modes.shape[1]):
         if bool((modes[:, j] == SAMPLE).any()):
             torch.rand(modes.shape[0], vocab, generator=g).clamp_(1e-20, 1.0).to(device)
 
 
 def device_walk(modes: torch.Tensor, vocab: int, device: torch.device) -> None:
     noise = Noise(torch.Generator().manual_seed(0), modes)
-    for j in range(modes.shape[1] - 1):
+    for j in range(modes.shape[1]):
         drawn = noise.draw(j, vocab, device)
         if drawn is not None:
             drawn[1].clamp_(1e-20, 1.0)
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"noise of one walk of W - 1 = {args.width - 1} positions on {where}, median of {args.repeats}\n")
+    print(f"noise of one walk of W = {args.width} positions on {where}, median of {args.repeats}\n")
     print("| rows | vocabulary | sampling rows | host, every row (ms) | device, sampling rows (ms) | ratio |")
     print("|---|---|---|---|---|---|")
     for rows in [int(r) for r in args.rows.split(",")]:

@@ -151,7 +151,7 @@ class DeviceBusy:
         kernels, busy = self.top[name], self.parts[name][0]
         if not kernels:
             return
-        say(f"\n| {label}: top kernels | device s | share | launches |\n|---|---|---|---|")
+        say(f"\n| {label}: top device events (kernels, copies) | device s | share | launches |\n|---|---|---|---|")
         for key, secs, calls in kernels[:n]:
             say(f"| `{key[:90]}` | {secs:.4f} | {secs / busy:.0%} | {calls:,} |")
 
@@ -250,7 +250,7 @@ def group_profile(base, args, g: int) -> None:
     rows = []
     for steps in (1, g):
         task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=steps)
-        for s in range(steps):  # warm-up: every shape of the group once
+        for s in range(max(steps, 2)):  # warm-up: every shape of the group once (step 1's too)
             loop_step(task, s)
         busy = DeviceBusy()
 

@@ -142,33 +142,37 @@ def test_scheduled_value_shapes():
         scheduled_value(0.0, 1.0, "exponential", 0, 10)
 
 
-def test_sampling_noise_of_a_row_does_not_depend_on_how_the_batch_is_split():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: the uniforms drawn there, row indices copied from pinned memory"))])
+def test_sampling_noise_of_a_row_does_not_depend_on_how_the_batch_is_split(device):
     """rkl.model.drafts.Noise: a row's uniforms are the same whether its chunk holds the whole global batch, a slice
-    of it (one process of several) or picked rows, at every position; rows that do not sample get 1, and a
-    position where no row of the global batch samples draws nothing."""
+    of it (one process of several) or picked rows, at every position; rows that do not sample get none, and a
+    position where no row of the global batch samples draws nothing. The modes are built so that both halves sample
+    at one position (a draw of only the chunk's own rows would differ) and only one half at others (a half that
+    skipped the batch's draw there would read the wrong uniforms at the next)."""
     from rkl.model.drafts import Noise
 
-    modes = chunk_modes(8, 6, 0.0, 0.0, 0.4, "random", torch.Generator().manual_seed(3))[0]
-    modes[:, 2] = TRUE  # nobody samples at position 2
-    assert (modes == SAMPLE).any(1).sum() >= 3 and (modes[:4] == SAMPLE).any() and (modes[4:] == SAMPLE).any()
+    modes = torch.full((8, 6), TRUE)
+    for j, rows in enumerate([[1, 5], [6], [], [0, 3, 6], [2], [1, 4, 7]]):
+        modes[rows, j] = SAMPLE
 
     def noise(rows=slice(None)):
         return Noise(torch.Generator().manual_seed(11), modes, rows)
 
-    def rows_and_uniforms(src, j):  # [global batch, vocab]: 1 where a row does not sample
-        drawn = src.draw(j, 5, "cpu")
-        u = torch.ones(src.count(), 5)
+    def rows_and_uniforms(src, j):  # [rows of the chunk, vocab], -1 where a row gets no uniforms
+        drawn = src.draw(j, 5, device)
+        u = torch.full((src.count(), 5), -1.0)
         if drawn is not None:
-            u[drawn[0]] = drawn[1]
+            assert drawn[0].device.type == drawn[1].device.type == device
+            u[drawn[0].cpu()] = drawn[1].cpu()
         return u
 
     whole, halves, picked = noise(), [noise(slice(0, 4)), noise(slice(4, 8))], noise(torch.tensor([6, 1, 3]))
     for j in range(6):
         if j == 2:
-            assert whole.draw(j, 5, "cpu") is None and halves[0].draw(j, 5, "cpu") is None
+            assert whole.draw(j, 5, device) is None and halves[0].draw(j, 5, device) is None
             continue
         u = rows_and_uniforms(whole, j)
-        assert torch.equal(u[modes[:, j] != SAMPLE], torch.ones(int((modes[:, j] != SAMPLE).sum()), 5))
-        assert bool((u[modes[:, j] == SAMPLE] < 1).all())
+        assert torch.equal(u[:, 0] >= 0, modes[:, j] == SAMPLE)
         assert torch.equal(torch.cat([rows_and_uniforms(h, j) for h in halves]), u)
         assert torch.equal(rows_and_uniforms(picked, j), u[[6, 1, 3]])

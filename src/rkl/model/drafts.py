@@ -13,31 +13,35 @@ from typing import Any
 
 import torch
 
-from rkl.data.chunks import GREEDY, SAMPLE
+from rkl.data.chunks import SAMPLE, TRUE
 from rkl.model.cache import restore_cache
 from rkl.model.static_decode import StaticDecoder
 
 
 @dataclass
 class Noise:
-    """Where the Gumbel noise of a chunk's SAMPLE positions comes from: `generator` (CPU), drawn as for the whole
-    batch with modes `modes` [N, W] (the global batch, in data parallel), of which the chunk holds `rows`. Drawn
-    this way, a row's sample does not depend on how the batch is split across processes or grouped into walks.
+    """Where the Gumbel noise of a chunk's SAMPLE positions comes from: a stream seeded from `generator` (CPU; None:
+    the sampling device's default generator), drawn as for the whole batch with modes `modes` [N, W] (the global
+    batch, in data parallel; host tensors), of which the chunk holds `rows`. Drawn this way, a row's sample does not
+    depend on how the batch is split across processes or grouped into walks.
 
-    The uniforms are drawn on the device that samples, from a generator there seeded once from `generator` (one
-    draw, at construction), and only for the rows that sample at a position. Drawn on the host for every row of
-    the batch and copied over, as they were before, the uniforms of one walk of 256 rows (72 of them sampling) over a
-    32,000-token vocabulary took 1.7 s of a 2-core CPU, 10x what this way takes there (`scripts/bench_noise.py`,
-    docs/benchmarks.md), where the graphed walk's 63 decode steps at 256 rows took 0.83 s on an H100."""
+    The uniforms are drawn on the device that samples, only for the rows that sample at a position, from a generator
+    there seeded once from `generator` (constructing a Noise takes one draw from it). So on a GPU the samples depend
+    on the device's random stream: the same on the same kind of GPU, not across GPU models or against a CPU (as bf16
+    kernels are not either). Drawn on the host for every row, as rkl did before, the noise of a 256-row walk took
+    longer than the walk (docs/benchmarks.md, "The draft walk's sampling noise")."""
 
     generator: torch.Generator | None
     modes: torch.Tensor
     rows: slice | torch.Tensor = field(default_factory=lambda: slice(None))
 
     def __post_init__(self) -> None:
-        # generator None: the device's default generator, as torch.rand without one
+        # which rows sample is decided on the host at every position: modes on a device would sync each time
+        self.modes = self.modes.cpu()
+        if isinstance(self.rows, torch.Tensor):
+            self.rows = self.rows.cpu()
         self.seed = None if self.generator is None else int(
-            torch.randint(0, 2**63 - 1, (1,), generator=self.generator))
+            torch.randint(0, 2**63 - 1, (1,), generator=self.generator, device=self.generator.device))
         self._streams: dict[torch.device, torch.Generator] = {}
 
     def count(self) -> int:
@@ -84,7 +88,8 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
     """[B, W] chunk: targets where modes is TRUE, the base's greedy token where GREEDY, a sample where SAMPLE.
 
     prev_logits [B, V]: the base's logits at the last prefix position. Samples use the Gumbel-max trick with noise
-    from `generator` (CPU), so a chunk is a pure function of (weights, prefix, targets at TRUE positions, seed).
+    seeded from `generator` (CPU; see Noise), so on one kind of device a chunk is a pure function of (weights,
+    prefix, targets at TRUE positions, seed).
     noise: instead of `generator`, the sources of the rows in order (see Noise): a slice of a global batch (data
     parallel), or several batches walked together (RefineTask's draft_walk_steps).
     decoder: run the decode steps through this static-cache decoder (a CUDA graph on a GPU) instead of eagerly.
@@ -96,9 +101,12 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
     if p is None:
         raise ValueError("build_chunk needs a snapshot that records its prefix length")
     decode = decoder.start(snapshot) if decoder is not None else _eager_steps(base, snapshot, b, dev)
-    sources = noise if noise is not None else [Noise(generator, modes.cpu())]
+    sources = noise if noise is not None else [Noise(generator, modes)]
     if sum(src.count() for src in sources) != b:
         raise ValueError(f"the noise sources cover {sum(src.count() for src in sources)} rows, the chunk has {b}")
+    # the sources decide which rows get noise: they must sample where the chunk's modes do (one host copy a walk)
+    if not torch.equal(torch.cat([src.modes[src.rows] for src in sources]) == SAMPLE, modes.cpu() == SAMPLE):
+        raise ValueError("the noise sources' modes do not sample where the chunk's modes do")
     logits = prev_logits.float()
     toks = []
     for j in range(w):
@@ -115,7 +123,7 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
             rows = torch.cat(rows).to(dev)
             gumbel = -torch.log(-torch.log(torch.cat(uniforms).clamp_(1e-20, 1.0)))
             pick = pick.index_copy(0, rows, (logits[rows.to(logits.device)] + gumbel).argmax(-1).to(dev))
-        tok = torch.where((modes[:, j] == GREEDY) | (modes[:, j] == SAMPLE), pick, targets[:, j])
+        tok = torch.where(modes[:, j] != TRUE, pick, targets[:, j])
         toks.append(tok)
         if j + 1 < w:
             logits = decode(tok, p + j).float()
