@@ -92,7 +92,20 @@ def phase_a_runs(runs, cpu_accelerate_config):
                "--set", "eval_interval=3", "--set", "save_interval=3"]
     rkl(root, phase_a + ["--out", "ck/ddp"], processes=2)
     rkl(root, phase_a + ["--out", "ck/fsdp"], accelerate_config=cpu_accelerate_config("fsdp2"))
+    rkl(root, [*phase_a, "--out", "ck/a_one", "--batch-size", "4"])  # the same global batch on one process
     return root
+
+
+def test_two_processes_train_phase_a_as_one_process_at_the_same_global_batch(phase_a_runs):
+    """Phase A's token-level means are over the global batch, whatever its split: each process's slice holds its
+    own number of loss and keep positions, and its sums are divided by the global counts (an all-reduce)."""
+    root = phase_a_runs
+    for tag in ("train/loss/total", "train/loss/final", "train/loss/keep", "val/loss"):
+        one, two = curve(root, "a_one", tag), curve(root, "ddp", tag)
+        assert [s for s, _ in one] == [s for s, _ in two] and len(one) >= 2, tag
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two)), (tag, one, two)
+    one, two = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("a_one", "ddp"))
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
 
 
 def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase_a_runs):

@@ -12,7 +12,9 @@ Conventions shared by every function here:
 - Loss positions are ``loss_mask`` (positions holding a model-sampled token or a model draft). The leakage rule
   lives in the caller, which must never put a position whose target is visible in the chunk into ``loss_mask``;
   the CE terms read targets only at ``loss_mask`` positions, the keep term reads none.
-- Masked means divide by ``max(count, 1)``: an empty mask gives exactly 0, never NaN. Masked-out entries
+- Masked means divide by ``max(count, 1)``: an empty mask gives exactly 0, never NaN. Across data-parallel
+  processes the caller passes the count instead (``counts``: the whole global batch's, divided by the number of
+  processes), so that the processes' averaged gradients are those of the global batch's token-level mean. Masked-out entries
   are removed with ``torch.where`` (never filled with -inf), and targets outside the mask are replaced by
   class 0 before the gather, so padding ids such as -100 are harmless.
 - Token-level means: a CE is averaged over all loss positions of the batch together (rows with more loss
@@ -44,10 +46,10 @@ def _check_steps(name: str, seq: Sequence[Tensor]) -> int:
     return len(seq)
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """sum(values[mask]) / max(count(mask), 1); 0 (with a grad path) for an empty mask."""
+def _masked_mean(values: Tensor, mask: Tensor, count: Tensor | None = None) -> Tensor:
+    """sum(values[mask]) / max(count(mask), 1), or / `count` where given; 0 (with a grad path) for an empty mask."""
     total = torch.where(mask, values, values.new_zeros(())).sum()
-    return total / mask.sum().clamp(min=1).to(values.dtype)
+    return total / (mask.sum().clamp(min=1) if count is None else count).to(values.dtype)
 
 
 def _token_ce(logits: Tensor, targets: Tensor, loss_mask: Tensor) -> Tensor:
@@ -64,17 +66,19 @@ def _zero_like_graph(t: Tensor) -> Tensor:
 
 # --- 1, 2: cross-entropies -----------------------------------------------------------------------------
 
-def final_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor) -> Tensor:
+def final_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor, count: Tensor | None = None
+             ) -> Tensor:
     """Final-step CE at the loss positions.
 
     final = sum_{b,j: mask[b,j]} CE(step_logits[K-1][b, j], targets[b, j]) / max(#mask, 1),
     with CE(z, y) = logsumexp(z) - z[y]. Token-level mean over the whole batch; 0 for an empty mask.
     """
     _check_steps("step_logits", step_logits)
-    return _masked_mean(_token_ce(step_logits[-1], targets, loss_mask), loss_mask)
+    return _masked_mean(_token_ce(step_logits[-1], targets, loss_mask), loss_mask, count)
 
 
-def masked_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor) -> Tensor:
+def masked_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor, count: Tensor | None = None
+              ) -> Tensor:
     """Deep supervision: the mean over inner steps of the masked CE.
 
     masked = (1/K) sum_{t=1..K} [ sum_{b,j: mask[b,j]} CE(step_logits[t][b, j], targets[b, j]) / max(#mask, 1) ].
@@ -82,7 +86,7 @@ def masked_ce(step_logits: Sequence[Tensor], targets: Tensor, loss_mask: Tensor)
     pairs. With K == 1 it equals `final_ce`.
     """
     k = _check_steps("step_logits", step_logits)
-    per_step = [_masked_mean(_token_ce(z, targets, loss_mask), loss_mask) for z in step_logits]
+    per_step = [_masked_mean(_token_ce(z, targets, loss_mask), loss_mask, count) for z in step_logits]
     return torch.stack(per_step).sum() / k
 
 
@@ -171,7 +175,13 @@ def ponder_loss(commit_logits: Sequence[Tensor]) -> Tensor:
 
 # --- 5: keep KL ---------------------------------------------------------------------------------------
 
-def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor) -> Tensor:
+def keep_positions(valid: Tensor, loss_mask: Tensor, chunk: Tensor, targets: Tensor) -> Tensor:
+    """[B, W] bool: the keep term's positions, valid positions that hold the true token, either because they were
+    not corrupted or because the model's own token there (in the chunk as built) is right."""
+    return valid & (~loss_mask | (chunk == targets))
+
+
+def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor, count: Tensor | None = None) -> Tensor:
     """KL from step 1's predictive distribution to each later step's, at the keep positions.
 
     keep = (1/(K-1)) sum_{t=2..K} [ sum_{b,j: keep_mask} KL(sg(P_1) || P_t)[b,j] / max(#keep_mask, 1) ],
@@ -188,7 +198,7 @@ def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor) -> Tensor:
     for cur in step_logits[1:]:
         logp_cur = F.log_softmax(cur.float(), dim=-1)
         kl = (logp_first.exp() * (logp_first - logp_cur)).sum(dim=-1)    # [B, W]
-        per_step.append(_masked_mean(kl, keep_mask))
+        per_step.append(_masked_mean(kl, keep_mask, count))
     return torch.stack(per_step).sum() / (k - 1)
 
 
@@ -196,22 +206,25 @@ def keep_loss(step_logits: Sequence[Tensor], keep_mask: Tensor) -> Tensor:
 
 def refinement_losses(step_logits: Sequence[Tensor], commit_logits: Sequence[Tensor],
                       step_inputs: Sequence[Tensor], final_tokens: Tensor, targets: Tensor, loss_mask: Tensor,
-                      valid: Tensor) -> dict[str, Tensor]:
+                      valid: Tensor, counts: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """All five refinement losses, keyed by `LOSS_NAMES` (final, masked, halt, ponder, keep).
 
     ``step_inputs[t]``: the chunk step t + 1 read (``step_inputs[0]`` is the chunk as built); ``final_tokens``: the
-    tokens after step K. Keep positions: valid positions that hold the true token, either because they were not
-    corrupted or because the model's own token there is right: a refinement that damages a right token pays.
+    tokens after step K. Keep positions (`keep_positions`): a refinement that damages a right token pays.
+    counts: (loss positions, keep positions) to divide the token-level means by instead of this batch's own counts
+    (data parallel: the global batch's counts / processes). The row means (halt, ponder) need none: every process
+    holds the same number of rows.
     """
+    loss_count, keep_count = counts if counts is not None else (None, None)
     k = _check_steps("step_logits", step_logits)
     if len(commit_logits) != k:
         raise ValueError(f"step_logits has {k} steps but commit_logits has {len(commit_logits)}")
     return {
-        "final": final_ce(step_logits, targets, loss_mask),
-        "masked": masked_ce(step_logits, targets, loss_mask),
+        "final": final_ce(step_logits, targets, loss_mask, loss_count),
+        "masked": masked_ce(step_logits, targets, loss_mask, loss_count),
         "halt": halt_loss(commit_logits, step_inputs, final_tokens, targets, valid),
         "ponder": ponder_loss(commit_logits),
-        "keep": keep_loss(step_logits, valid & (~loss_mask | (step_inputs[0] == targets))),
+        "keep": keep_loss(step_logits, keep_positions(valid, loss_mask, step_inputs[0], targets), keep_count),
     }
 
 

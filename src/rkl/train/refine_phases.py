@@ -31,7 +31,7 @@ from rkl.model.weights import SafetensorsStream
 from rkl.model.adapters import UNFROZEN_FILE, apply_lora, l2_to_pretrained, save_base_changes, unfreeze
 from rkl.runmeta import run_metadata
 from rkl.train.drift import DriftProbe
-from rkl.train.losses import LOSS_NAMES, final_ce, refinement_losses, total_loss
+from rkl.train.losses import LOSS_NAMES, final_ce, keep_positions, refinement_losses, total_loss
 from rkl.train.loop import TrainResult, make_accelerator, train
 from rkl.train.phases import PhaseRun, resume_source, token_streams
 from rkl.train.sharding import (device_mesh, fill_from_first, fsdp_requested, full_tensor, is_sharded, load_barrier,
@@ -108,7 +108,8 @@ class RefineTask:
         else:
             prefix_len = chunk_in = None
         batch, modes, gen, mine, rate, share = self.micro_batch(step, micro, prefix_len)
-        terms, stats, _ = self.losses_on(batch, modes[mine], gen, noise=[Noise(gen, modes, mine)], chunk_in=chunk_in)
+        terms, stats, _ = self.losses_on(batch, modes[mine], gen, noise=[Noise(gen, modes, mine)], chunk_in=chunk_in,
+                                         across_processes=self.world > 1)
         loss = total_loss(terms, c)
         if self.unfrozen and c.l2_to_pretrained > 0:
             l2 = l2_to_pretrained(self.unfrozen, self.reference)
@@ -163,15 +164,17 @@ class RefineTask:
 
     def losses_on(self, batch: ChunkBatch, modes: torch.Tensor, gen: torch.Generator,
                   max_inner_steps: int | None = None, noise: list[Noise] | None = None,
-                  chunk_in: torch.Tensor | None = None):
+                  chunk_in: torch.Tensor | None = None, across_processes: bool = False):
         """Build the chunk (`modes`, from the prefix's snapshot), run K inner steps over it, compute the losses.
 
         Every position is editable and tokens change under the exact edit rule of generation. The targets enter the
         chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses: the chunk's
         valid positions (up to its true EOS) decide only where losses are taken, never what the sidecar reads or
         may edit. noise: where the sampling noise comes from (rkl.model.drafts.Noise: the global batch's, when the
-        batch is a slice of one); chunk_in: the chunk, built already (draft_walk_steps). Returns (terms, stats,
-        RefineResult)."""
+        batch is a slice of one); chunk_in: the chunk, built already (draft_walk_steps). across_processes: the batch
+        is this process's slice of a global batch (data parallel): its token-level means divide by the global
+        batch's counts (shared by an all-reduce), as one process holding the whole batch would. Returns (terms,
+        stats, RefineResult)."""
         prefix = batch.prefix_ids.to(self.device)
         targets = batch.chunk_ids.to(self.device)
         valid = batch.chunk_valid.to(self.device)
@@ -185,8 +188,17 @@ class RefineTask:
             chunk_in = chunk_in.to(self.device)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
+        counts = None
+        if across_processes:
+            # Data parallel averages the processes' gradients. Each process's own token-level mean would weigh its
+            # positions by 1 / (its count x processes), not 1 / (the global count): slices with fewer loss positions
+            # would count more. Dividing by the global count / processes gives the global batch's mean exactly.
+            keep = keep_positions(valid, loss_mask, result.inputs[0], targets)
+            n = torch.stack([loss_mask.sum(), keep.sum()]).float()
+            torch.distributed.all_reduce(n)
+            counts = tuple(n.clamp(min=1) / self.world)
         terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
-                                  loss_mask, valid)
+                                  loss_mask, valid, counts=counts)
         n = loss_mask.sum().clamp(min=1)
         right = lambda logits: float(((logits.argmax(-1) == targets) & loss_mask).sum() / n)  # noqa: E731
         stats = {"acc_k": right(result.logits[-1]), "acc_1": right(result.logits[0]),
