@@ -14,9 +14,9 @@ Conventions shared by every function here:
   the CE terms read targets only at ``loss_mask`` positions, the keep term reads none.
 - Masked means divide by ``max(count, 1)``: an empty mask gives exactly 0, never NaN. Across data-parallel
   processes the caller passes the count instead (``counts``: the whole global batch's, divided by the number of
-  processes), so that the processes' averaged gradients are those of the global batch's token-level mean. Masked-out entries
-  are removed with ``torch.where`` (never filled with -inf), and targets outside the mask are replaced by
-  class 0 before the gather, so padding ids such as -100 are harmless.
+  processes), so that the processes' averaged gradients are those of the global batch's token-level mean.
+  Masked-out entries are removed with ``torch.where`` (never filled with -inf), and targets outside the mask are
+  replaced by class 0 before the gather, so padding ids such as -100 are harmless.
 - Token-level means: a CE is averaged over all loss positions of the batch together (rows with more loss
   positions weigh more), not as a mean of per-row means.
 - Everything is computed in float32 (bf16 logits are upcast; the gradient flows through the cast).
