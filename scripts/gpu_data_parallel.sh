@@ -39,7 +39,8 @@ def scalars(run, tag):
     acc = EventAccumulator(glob.glob(f"logs/*{name}")[0]); acc.Reload()  # logs/<the --out path, joined by __>
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 rows = {}
-print("\n| run | processes | batch per process | global batch | median global tokens/s | val/loss |\n|---|---|---|---|---|---|")
+print("\n| run | processes | batch per process | global batch | median global tokens/s | val/loss |")
+print("|---|---|---|---|---|---|")
 for run, procs, per in (("dp1", 1, b), ("dp2", 2, b), ("dp1_global", 1, 2 * b)):
     tps = sorted(v for _, v in scalars(run, "train/tokens_per_s")[2:])  # the first steps warm up
     rows[run] = (tps[len(tps) // 2], scalars(run, "val/loss"))

@@ -143,7 +143,7 @@ def test_scheduled_value_shapes():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU: the uniforms drawn there, row indices copied from pinned memory"))])
+    not torch.cuda.is_available(), reason="needs a GPU: uniforms drawn there, row indices copied from pinned memory"))])
 def test_sampling_noise_of_a_row_does_not_depend_on_how_the_batch_is_split(device):
     """rkl.model.drafts.Noise: a row's uniforms are the same whether its chunk holds the whole global batch, a slice
     of it (one process of several) or picked rows, at every position; rows that do not sample get none, and a
