@@ -10,33 +10,38 @@
 #   MODEL=tiny SEQ=24 STEPS=6 B=2 CHARS=30000 ONE="" TWO="python3 -m torch.distributed.run --nproc_per_node 2" \
 #   PHASE=a bash scripts/gpu_data_parallel.sh
 set -euo pipefail
-W=${WORK:-/tmp/rkl_dp}; mkdir -p "$W"
+W=${DP_WORK:-/tmp/rkl_dp}; mkdir -p "$W"
 PHASE=${PHASE:-pretrain}; MODEL=${MODEL:-small}; STEPS=${STEPS:-12}; B=${B:-8}; SEQ=${SEQ:-1024}; CHARS=${CHARS:-400000}
+[ "$STEPS" -ge 3 ] || { echo "STEPS must be at least 3 (the median tokens/s skips two warm-up steps)" >&2; exit 2; }
 ONE=${ONE-CUDA_VISIBLE_DEVICES=0}
-TWO=${TWO:-accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no}
+TWO=${TWO:-python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no}
+failed() { echo "$1 failed; the end of $W/$1.log:" >&2; tail -30 "$W/$1.log" >&2; exit 1; }
+log_dir() { python3 -c 'import sys; from rkl.paths import run_log_dir; print(run_log_dir(sys.argv[1]))' "$W/$1"; }
 FROM=$MODEL
 if [ "$PHASE" != pretrain ]; then  # the recursive phases start from a surgery folder (random weights will do)
   rm -rf "$W/surgery"
   python3 -m rkl surgery --model "$MODEL" --out "$W/surgery" --set data=stdlib+arithmetic \
-    --set max_chars_per_source="$CHARS" > "$W/surgery.log" 2>&1
+    --set max_chars_per_source="$CHARS" > "$W/surgery.log" 2>&1 || failed surgery
   FROM=$W/surgery
 fi
 A=(train --phase "$PHASE" --model "$FROM" --steps "$STEPS" --set seq_len="$SEQ" --set data=stdlib+arithmetic
    --set max_chars_per_source="$CHARS" --set eval_interval=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 )) --set eval_batches=2
    --set log_interval=1 --set save_interval=1000 --overwrite ${DTYPE:+--dtype "$DTYPE"})
-for run in dp1 dp2 dp1_global; do rm -rf "logs/$(echo "$W/$run" | sed 's|^/||; s|/|__|g')"; done  # no older curves
-run1() { env $ONE python3 -m rkl "${A[@]}" --batch-size "$1" --out "$W/$2" > "$W/$2.log" 2>&1; tail -1 "$W/$2.log"; }
+for run in dp1 dp2 dp1_global; do rm -rf "$(log_dir $run)"; done  # rkl's TensorBoard folders: no older curves
+run1() { env $ONE python3 -m rkl "${A[@]}" --batch-size "$1" --out "$W/$2" > "$W/$2.log" 2>&1 || failed "$2"
+  tail -1 "$W/$2.log"; }
 run1 "$B" dp1
-$TWO -m rkl "${A[@]}" --batch-size "$B" --out "$W/dp2" > "$W/dp2.log" 2>&1; tail -1 "$W/dp2.log"
+$TWO -m rkl "${A[@]}" --batch-size "$B" --out "$W/dp2" > "$W/dp2.log" 2>&1 || failed dp2; tail -1 "$W/dp2.log"
 grep -q '"world_size": 2' "$W/dp2/run.json" || { echo "the 2-process run did not run on 2 processes" >&2; exit 1; }
 run1 $(( 2 * B )) dp1_global
 WORK_DIR=$W B=$B python3 - <<'PY'
-import glob, os
+import os
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from rkl.paths import run_log_dir
 w, b = os.environ["WORK_DIR"], int(os.environ["B"])
 def scalars(run, tag):
-    name = (w + "/" + run).strip("/").replace("/", "__")
-    acc = EventAccumulator(glob.glob(f"logs/*{name}")[0]); acc.Reload()  # logs/<the --out path, joined by __>
+    acc = EventAccumulator(str(run_log_dir(f"{w}/{run}"))); acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 rows = {}
 print("\n| run | processes | batch per process | global batch | median global tokens/s | val/loss |")

@@ -96,18 +96,6 @@ def phase_a_runs(runs, cpu_accelerate_config):
     return root
 
 
-def test_two_processes_train_phase_a_as_one_process_at_the_same_global_batch(phase_a_runs):
-    """Phase A's token-level means are over the global batch, whatever its split: each process's slice holds its
-    own number of loss and keep positions, and its sums are divided by the global counts (an all-reduce)."""
-    root = phase_a_runs
-    for tag in ("train/loss/total", "train/loss/final", "train/loss/keep", "val/loss"):
-        one, two = curve(root, "a_one", tag), curve(root, "ddp", tag)
-        assert [s for s, _ in one] == [s for s, _ in two] and len(one) >= 2, tag
-        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two)), (tag, one, two)
-    one, two = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("a_one", "ddp"))
-    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
-
-
 def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase_a_runs):
     root = phase_a_runs
     meta = json.loads((root / "ck/fsdp/run.json").read_text())
@@ -123,6 +111,16 @@ def test_fsdp_phase_a_shards_the_base_and_trains_what_data_parallel_trains(phase
     assert all(not torch.equal(fsdp[k], start[k]) for k in fsdp)  # and both trained every sidecar tensor
     for tag in ("train/loss/total", "val/loss"):
         assert curve(root, "ddp", tag) == curve(root, "fsdp", tag), tag
+    # and data parallel trains what one process trains at the same global batch: phase A's token-level means are
+    # over the global batch, whose slices hold different numbers of loss and keep positions (one test with the
+    # above: a second consumer of phase_a_runs would rebuild it on the other pytest-xdist worker)
+    for tag in ("train/loss/total", "train/loss/final", "train/loss/masked", "train/loss/halt", "train/loss/ponder",
+                "train/loss/keep", "train/acc_k", "train/n_loss_positions", "val/loss"):
+        one, two = curve(root, "a_one", tag), curve(root, "ddp", tag)
+        assert [s for s, _ in one] == [s for s, _ in two] and len(one) >= 2, tag
+        assert all(abs(a - b) < 1e-5 * max(1.0, abs(a)) for (_, a), (_, b) in zip(one, two)), (tag, one, two)
+    one, two = (load_file(str(root / f"ck/{run}/sidecar.safetensors")) for run in ("a_one", "ddp"))
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "vanilla"])

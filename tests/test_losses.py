@@ -20,6 +20,7 @@ from rkl.train.losses import (
     halt_targets,
     halting_distribution,
     keep_loss,
+    keep_positions,
     masked_ce,
     ponder_loss,
     refinement_losses,
@@ -314,3 +315,36 @@ def test_end_to_end_bf16_batch_backpropagates():
     total.backward()
     for x in z + c:
         assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_slices_with_global_counts_average_to_the_whole_batch():
+    """Data parallel: each process's slice divides its sums by the global batch's counts over the number of
+    processes, so the mean of the slices' losses, and of their gradients, is the whole batch's. With each slice's
+    own counts (the slices hold 1 and 5 loss positions here) it is not."""
+    g = torch.Generator().manual_seed(2)
+    B, W, V, K = 4, 5, 11, 3
+    z = [torch.randn(B, W, V, generator=g).requires_grad_() for _ in range(K)]
+    c = [torch.randn(B, generator=g).requires_grad_() for _ in range(K)]
+    tg = torch.randint(0, V, (B, W), generator=g)
+    valid = torch.ones(B, W, dtype=torch.bool)
+    lm = torch.zeros(B, W, dtype=torch.bool)
+    lm[0, 1] = True
+    lm[2:, 2:] = True
+    tokens = [torch.where(lm, x.argmax(-1), tg) for x in z]
+    whole = refinement_losses(z, c, tokens, tokens[-1], tg, lm, valid)
+    whole_grad = torch.autograd.grad(total_loss(whole, RecursiveConfig()), z + c)
+    keep = keep_positions(valid, lm, tokens[0], tg)
+    counts = (lm.sum().float() / 2, keep.sum().float() / 2)
+    for split_counts, equal in ((counts, True), (None, False)):
+        halves = []
+        for rows in (slice(0, 2), slice(2, 4)):
+            sl = lambda x: x[rows]  # noqa: E731
+            halves.append(refinement_losses([sl(x) for x in z], [sl(x) for x in c], [sl(x) for x in tokens],
+                                            sl(tokens[-1]), sl(tg), sl(lm), sl(valid), counts=split_counts))
+        for name in LOSS_NAMES:
+            same = torch.allclose((halves[0][name] + halves[1][name]) / 2, whole[name], atol=1e-6)
+            assert same == equal or name in ("halt", "ponder"), (name, split_counts)  # row means: equal either way
+        if equal:
+            mean = (total_loss(halves[0], RecursiveConfig()) + total_loss(halves[1], RecursiveConfig())) / 2
+            for a, b in zip(torch.autograd.grad(mean, z + c), whole_grad):
+                assert torch.allclose(a, b, atol=1e-6)

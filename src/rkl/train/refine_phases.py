@@ -188,21 +188,23 @@ class RefineTask:
             chunk_in = chunk_in.to(self.device)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
                                            max_inner_steps=max_inner_steps, prefix_ids=prefix)
+        hits = lambda logits: ((logits.argmax(-1) == targets) & loss_mask).sum()  # noqa: E731
+        keep = keep_positions(valid, loss_mask, result.inputs[0], targets)
+        # (loss positions, keep positions, right after K steps, right after one pass): this batch's, or with
+        # across_processes the global batch's
+        n = torch.stack([loss_mask.sum(), keep.sum(), hits(result.logits[-1]), hits(result.logits[0])]).float()
         counts = None
         if across_processes:
             # Data parallel averages the processes' gradients. Each process's own token-level mean would weigh its
             # positions by 1 / (its count x processes), not 1 / (the global count): slices with fewer loss positions
             # would count more. Dividing by the global count / processes gives the global batch's mean exactly.
-            keep = keep_positions(valid, loss_mask, result.inputs[0], targets)
-            n = torch.stack([loss_mask.sum(), keep.sum()]).float()
             torch.distributed.all_reduce(n)
-            counts = tuple(n.clamp(min=1) / self.world)
+            counts = (n[0].clamp(min=1) / self.world, n[1].clamp(min=1) / self.world)
         terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens, targets,
                                   loss_mask, valid, counts=counts)
-        n = loss_mask.sum().clamp(min=1)
-        right = lambda logits: float(((logits.argmax(-1) == targets) & loss_mask).sum() / n)  # noqa: E731
-        stats = {"acc_k": right(result.logits[-1]), "acc_1": right(result.logits[0]),
-                 "n_loss_positions": float(loss_mask.sum())}
+        loss_positions, _, right_k, right_1 = n.tolist()
+        stats = {"acc_k": right_k / max(loss_positions, 1), "acc_1": right_1 / max(loss_positions, 1),
+                 "n_loss_positions": loss_positions}
         return terms, stats, result
 
     @torch.no_grad()
