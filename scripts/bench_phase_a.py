@@ -117,13 +117,22 @@ def timed_sections(task: RefineTask, step: int, probe=None) -> dict[str, float]:
     return out
 
 
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def kernel_events(events) -> list:
+    """The device's own events of a torch.profiler key_averages(): torch.profiler also books each kernel's time under
+    the operator (or graph launch) that launched it, so a sum over every event counts it twice."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+
+
 class DeviceBusy:
     """Per named part, from torch.profiler: the device's kernel time, kernel launches (graph replays counted as one
     launch each) and host-device syncs. Wall time far above the device time, with many launches, is a step that
     costs its launches, not its FLOPs."""
-
-    LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
-    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 
     def __init__(self) -> None:
         self.parts: dict[str, tuple[float, int, int]] = {}
@@ -131,18 +140,15 @@ class DeviceBusy:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             yield
         events = prof.key_averages()
         count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
-        # the kernels' own events only: torch.profiler also books each kernel's time under the operator (or graph
-        # launch) that launched it, so a sum over every event counts it twice
-        kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+        kernels = kernel_events(events)
         busy = sum(e.self_device_time_total for e in kernels) / 1e6
-        self.parts[name] = (busy, count(self.LAUNCHES), count(self.SYNCS))
+        self.parts[name] = (busy, count(LAUNCHES), count(SYNCS))
         kernels.sort(key=lambda e: -e.self_device_time_total)
         self.top[name] = [(e.key, e.self_device_time_total / 1e6, e.count) for e in kernels]
 

@@ -13,9 +13,9 @@ import argparse
 import time
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from bench_phase_a import LAUNCHES, SYNCS, kernel_events  # scripts/, on the path when run as a script
 from rkl.model.base import build_preset
 from rkl.model.cache import new_cache
 from rkl.model.kernels import set_cudnn_attention
@@ -74,17 +74,13 @@ def main() -> None:
             sync()
     events = prof.key_averages()
     count = lambda name: sum(e.count for e in events if e.key == name) / args.steps  # noqa: E731
-    # the kernels' own events only: torch.profiler also books each kernel's time under the operator that launched it,
-    # so a sum over every event (what this script summed until 2026-12-06) counts it twice
-    device_us = (sum(e.self_device_time_total for e in events
-                   if e.device_type != DeviceType.CPU and not e.is_user_annotation) / args.steps
+    # the kernels' own events (this script summed every event until 2026-12-06, which counts each kernel twice)
+    device_us = (sum(e.self_device_time_total for e in kernel_events(events)) / args.steps
                  if on_gpu else float("nan"))
     print(f"{args.preset}, batch {args.batch}, prefix {args.prefix}: {wall * 1e3:.1f} ms per decode step (wall), "
           f"device busy {device_us / 1e3:.1f} ms per step")
-    launches = sum(count(n) for n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
-                                      "cudaGraphLaunch"))  # the names bench_phase_a.py's DeviceBusy counts
-    print(f"per step: {launches:.0f} kernel "
-          f"launches, {count('cudaStreamSynchronize') + count('cudaDeviceSynchronize'):.0f} syncs, "
+    print(f"per step: {sum(count(n) for n in LAUNCHES):.0f} kernel "
+          f"launches, {sum(count(n) for n in SYNCS):.0f} syncs, "
           f"{count('cudaMemcpyAsync'):.0f} memcpy, {count('aten::item') + count('aten::_local_scalar_dense'):.0f} "
           f".item()-like reads, {count('aten::nonzero'):.0f} nonzero")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))

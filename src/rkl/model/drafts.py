@@ -38,15 +38,15 @@ class Noise:
     def __post_init__(self) -> None:
         # which rows sample is decided on the host at every position: modes on a device would sync each time
         self.modes = self.modes.cpu()
-        if isinstance(self.rows, torch.Tensor):
-            self.rows = self.rows.cpu()
+        rows = self.rows.cpu() if isinstance(self.rows, torch.Tensor) else self.rows
+        self.mine = torch.arange(self.modes.shape[0])[rows]  # the chunk's rows, as rows of the global batch
         self.seed = None if self.generator is None else int(
             torch.randint(0, 2**63 - 1, (1,), generator=self.generator, device=self.generator.device))
         self._streams: dict[torch.device, torch.Generator] = {}
 
     def count(self) -> int:
         """How many rows of the chunk this source's noise is for."""
-        return len(range(self.modes.shape[0])[self.rows]) if isinstance(self.rows, slice) else len(self.rows)
+        return len(self.mine)
 
     def draw(self, j: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(the chunk's rows that sample at position j [n], their uniforms [n, vocab]), both on `device`, or None
@@ -56,12 +56,11 @@ class Noise:
         if not bool(sampling.any()):
             return None
         drawn = torch.rand(int(sampling.sum()), vocab, generator=self._stream(device), device=device)
-        mine = torch.arange(self.modes.shape[0])[self.rows]  # the chunk's rows, as rows of the global batch
-        takes = sampling[mine]
+        takes = sampling[self.mine]
         if not bool(takes.any()):
             return None
         order = torch.cumsum(sampling, 0) - 1  # a sampling row's index among the drawn ones
-        return _to_device(takes.nonzero()[:, 0], device), drawn[_to_device(order[mine[takes]], device)]
+        return _to_device(takes.nonzero()[:, 0], device), drawn[_to_device(order[self.mine[takes]], device)]
 
     def _stream(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -105,7 +104,7 @@ def build_chunk(wrapper: Any, snapshot: Any, prev_logits: torch.Tensor, targets:
     if sum(src.count() for src in sources) != b:
         raise ValueError(f"the noise sources cover {sum(src.count() for src in sources)} rows, the chunk has {b}")
     # the sources decide which rows get noise: they must sample where the chunk's modes do (one host copy a walk)
-    if not torch.equal(torch.cat([src.modes[src.rows] for src in sources]) == SAMPLE, modes.cpu() == SAMPLE):
+    if not torch.equal(torch.cat([src.modes[src.mine] for src in sources]) == SAMPLE, modes.cpu() == SAMPLE):
         raise ValueError("the noise sources' modes do not sample where the chunk's modes do")
     logits = prev_logits.float()
     toks = []
