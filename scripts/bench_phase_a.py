@@ -50,15 +50,16 @@ def sync(device: torch.device) -> None:
 
 def autocast(device: torch.device):
     # what the training loop runs under (accelerate's bf16 mixed precision on a GPU, fp32 on a CPU)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
-def phase_a_task(base, args, batch: int, checkpointing: bool, walk_steps: int = 1, graph: bool = True) -> RefineTask:
+def phase_a_task(base, args, batch: int, checkpointing: bool, walk_steps: int = 1, graph: bool = True,
+                 chunk_graph: bool = True) -> RefineTask:
     # phase A as the stage file configures it (cell, draft/splice shares, edit margin), at the benchmark's shapes
     config = RecursiveConfig.from_file(stage_config_path("phase_a")).replace(
         chunk_width=args.width, max_inner_steps=args.k, batch_size=batch, seq_len=args.prefix + args.width,
         gradient_checkpointing=checkpointing, steps=1000, draft_walk_steps=walk_steps,
-        draft_walk_graph=graph)
+        draft_walk_graph=graph, chunk_pass_graph=chunk_graph)
     wrapper = ChunkRefineWrapper(base, config)
     device = next(base.parameters()).device
     wrapper.to(device)
@@ -106,7 +107,8 @@ def timed_sections(task: RefineTask, step: int, probe=None) -> dict[str, float]:
             with part(f"build chunk ({c.chunk_width - 1} decode steps)"):
                 chunk = build_chunk(w, snapshot, prev, targets, modes, gen, decoder=task.decoder)
         with part(f"{c.max_inner_steps} inner steps (forward)"):
-            result = w.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(valid), prefix_ids=prefix)
+            result = w.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(valid), prefix_ids=prefix,
+                                    chunk_passes=task.chunk_passes)
         with part("losses"):
             terms = refinement_losses(result.logits, result.commit_logits, result.inputs, result.final_tokens,
                                       targets, valid, valid)
@@ -213,18 +215,21 @@ def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
-def walk_comparison(base, args) -> dict[tuple[int, str], tuple[float, float, float]]:
+def walk_comparison(base, args) -> dict[tuple[int, str, str], tuple[float, float, float]]:
     """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps (and with
     --compare-graph each eagerly and with the CUDA-graphed walk), over the steps of one group (8 steps for 1, whose
     steps all cost the same): each setting runs them twice, and the second pass, which meets no new shape, is timed.
     Every step is held at the prefix length of step 0 (each group's first), so all see the same shapes."""
     groups = [int(g) for g in args.walk_steps.split(",")] if args.walk_steps else []
-    # without a GPU both settings walk eagerly: time it once
-    graphs = (False, True) if args.compare_graph and torch.cuda.is_available() else (True,)
+    # (walk graph, chunk-pass graph) settings; without a GPU every setting runs eagerly: time it once
+    on_gpu = torch.cuda.is_available()
+    settings = ([(False, True), (True, True)] if args.compare_graph and on_gpu
+                else [(True, False), (True, True)] if args.compare_chunk_graph and on_gpu else [(True, True)])
     rows = {}
     for g in [1, *groups]:
-        for graph in graphs:
-            task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph)
+        for graph, chunk_graph in settings:
+            task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph,
+                                chunk_graph=chunk_graph)
             if g == 1:
                 drawn = task.micro_batch
                 group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
@@ -237,14 +242,16 @@ def walk_comparison(base, args) -> dict[tuple[int, str], tuple[float, float, flo
                 runs = [loop_step(task, s) for s in range(n)]
             peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
             secs = sum(s for s, _ in runs)
-            rows[g, task.draft_walk] = (secs / n, sum(t for _, t in runs) / secs, peak)
-            say(f"  draft_walk_steps {g}, {task.draft_walk} walk: {secs / n:.3f} s/step over {n} steps")
+            rows[g, task.draft_walk, task.chunk_pass_mode] = (secs / n, sum(t for _, t in runs) / secs, peak)
+            say(f"  draft_walk_steps {g}, {task.draft_walk} walk, {task.chunk_pass_mode} chunk passes: "
+                f"{secs / n:.3f} s/step over {n} steps")
             task.wrapper.remove_hooks()
             del task
     first = next(iter(rows.values()))
-    say("\n| draft_walk_steps | walk | s/step | tokens/s | ratio | peak |\n|---|---|---|---|---|---|")
-    for (g, walk), (s, tps, peak) in rows.items():
-        say(f"| {g} | {walk} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | {peak:.1f} GiB |")
+    say("\n| draft_walk_steps | walk | chunk passes | s/step | tokens/s | ratio | peak |\n"
+        "|---|---|---|---|---|---|---|")
+    for (g, walk, passes), (s, tps, peak) in rows.items():
+        say(f"| {g} | {walk} | {passes} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | {peak:.1f} GiB |")
     return rows
 
 
@@ -395,6 +402,8 @@ def main() -> None:
                     help="comma-separated draft_walk_steps to compare with 1, the step as the training loop runs it")
     ap.add_argument("--compare-graph", action="store_true",
                     help="time each draft_walk_steps setting with the eager and the CUDA-graphed walk")
+    ap.add_argument("--compare-chunk-graph", action="store_true",
+                    help="time each draft_walk_steps setting with the eager and the CUDA-graphed chunk passes")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
     ap.add_argument("--device-busy", action="store_true",
                     help="profile each section (and the vanilla step) once more: device busy time, launches, syncs")
@@ -442,11 +451,11 @@ def main() -> None:
             no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
             say(f"phase A / vanilla tokens/s = {t_van / total:.2f}; phase A without the drafting walk: "
                 f"{tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
-    if args.walk_steps or args.compare_graph:
+    if args.walk_steps or args.compare_graph or args.compare_chunk_graph:
         rows = walk_comparison(base, args)
         if not args.no_vanilla:
-            for (steps, walk), (_, tps, _) in rows.items():
-                say(f"phase A at draft_walk_steps {steps}, {walk} walk / vanilla tokens/s = "
+            for (steps, walk, passes), (_, tps, _) in rows.items():
+                say(f"phase A at draft_walk_steps {steps}, {walk} walk, {passes} chunk passes / vanilla tokens/s = "
                     f"{tps / (tokens / t_van):.2f}")
     if args.device_busy and args.walk_steps:
         for g in [int(x) for x in args.walk_steps.split(",")]:

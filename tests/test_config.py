@@ -121,7 +121,8 @@ def test_stage_files_resolve_to_what_the_full_files_gave():
     for stage, expected in snapshot.items():
         got = RecursiveConfig.from_file(stage_config_path(stage)).to_dict()
         added = set(got) - set(expected)  # fields added since (drift_new_tokens, ...): no stage file sets them
-        assert added <= {"drift_new_tokens", "lora_experts", "draft_walk_steps", "draft_walk_graph"}, (stage, added)
+        assert added <= {"drift_new_tokens", "lora_experts", "draft_walk_steps", "draft_walk_graph",
+                         "chunk_pass_graph"}, (stage, added)
         assert all(got[k] == defaults[k] for k in added), (stage, added)
         got = {k: got[k] for k in expected}
         assert got == expected, (stage, {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]})

@@ -64,6 +64,7 @@ from rkl.model.boundary import BoundaryHead
 from rkl.model.cache import CacheSnapshot, new_cache, restore_cache, snapshot_cache
 from rkl.model.latent import LatentToken
 from rkl.model.refine import RefineCell
+from rkl.model.static_chunk import StaticChunkPasses
 
 EDIT_RULES = ("vs_first_step", "argmax")
 
@@ -289,8 +290,9 @@ class ChunkRefineWrapper(nn.Module):
     # ------------------------------------------------------------------------------------ forward passes
     def _run(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
              cache: Any, pass_state: _Pass | None) -> torch.Tensor:
-        """base.model over `inputs_embeds` with the hooks reading `pass_state`; returns the final hidden states."""
-        if attention_mask is not None and bool((attention_mask == 1).all()):
+        """base.model over `inputs_embeds` with the hooks reading `pass_state`; returns the final hidden states.
+        attention_mask: [B, keys] (0 = padding), or transformers' per-layer-type mask dict, passed on as it is."""
+        if torch.is_tensor(attention_mask) and bool((attention_mask == 1).all()):
             attention_mask = None  # as HF generate does: no padding -> no mask
         self._pass = pass_state
         try:
@@ -321,6 +323,16 @@ class ChunkRefineWrapper(nn.Module):
         return True
 
     @torch.no_grad()
+    def _delta_samples(self, rows: int, width: int, device: torch.device) -> list[torch.Tensor]:
+        """One delta per refined layer as the cells make them under the current autocast (shape and dtype)."""
+        out = []
+        for i in self.layers_to_refine:
+            cell = self.refine_cells[str(i)]
+            shape = (rows, cell.d_state) if cell.cell_type == "pooled" else (rows, width, cell.d_state)
+            out.append(cell.delta(torch.zeros(shape, device=device, dtype=cell.out_proj.weight.dtype)))
+        return out
+
+    @torch.no_grad()
     def prepare_prefix(self, prefix_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                        ) -> tuple[CacheSnapshot, torch.Tensor]:
         """Run a prefix once (no deltas) -> (snapshot of its cache, float32 logits at its last position [B, V])."""
@@ -336,7 +348,8 @@ class ChunkRefineWrapper(nn.Module):
                      max_inner_steps: int | None = None, commit_threshold: float | None = None, soft: bool = False,
                      *, prefix_ids: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
                      cache_reset_policy: str | None = None, edit_rule: str = "vs_first_step",
-                     unverified: torch.Tensor | None = None) -> RefineResult:
+                     unverified: torch.Tensor | None = None, chunk_passes: StaticChunkPasses | None = None
+                     ) -> RefineResult:
         """The inner loop over one chunk (see the module docstring for the exact protocol).
 
         chunk_ids [B, W]: the current chunk (the draft). snapshot: the cache at the chunk start (unused by
@@ -350,6 +363,9 @@ class ChunkRefineWrapper(nn.Module):
         unverified [B, W] bool: editable positions holding a token nobody has checked against the current prefix
         (a reused stale draft token, see generate.py): under 'vs_first_step' such a token stands only where step
         1's argmax equals it and is replaced by that argmax otherwise, also when the loop stops at step 1.
+        chunk_passes: run the chunk passes over static buffers, as CUDA graphs on a GPU (rkl.model.static_chunk),
+        where they apply: training with gradient, the default cache policy, no [Z], no soft inputs, no step
+        checkpointing, no padding (no masks given). Elsewhere the eager passes run.
         """
         self._require_sidecar()
         cfg = self.config
@@ -374,6 +390,7 @@ class ChunkRefineWrapper(nn.Module):
                     raise ValueError("this snapshot records no prefix length: pass attention_mask over prefix + chunk")
                 p_len = attention_mask.shape[1] - w
         ones = lambda n: torch.ones(b, n, dtype=torch.long, device=dev)  # noqa: E731
+        unpadded = attention_mask is None and prefix_mask is None  # known without reading the device
         if attention_mask is None or attention_mask.shape[1] == w:
             pm = prefix_mask.long() if prefix_mask is not None else ones(p_len)
             attention_mask = torch.cat([pm, attention_mask.long() if attention_mask is not None else ones(w)], 1)
@@ -389,6 +406,9 @@ class ChunkRefineWrapper(nn.Module):
         use_z = self.latent_token is not None
         self._check_checkpointing(policy, use_z)
         checkpoint_steps = self._checkpoint_steps(policy)
+        static = (chunk_passes is not None and unpadded and policy == "keep_kda_recurrent_reset_mla" and not use_z
+                  and not soft and not checkpoint_steps and torch.is_grad_enabled())
+        static_step = None
         pos_all = positions_from_mask(attention_mask)
         last_valid = (chunk_mask * torch.arange(1, w + 1, device=dev)).argmax(-1)  # last position with mask 1
         thresholds = (commit_thresholds(commit_threshold, cfg.min_commit_threshold, k_steps)
@@ -452,7 +472,12 @@ class ChunkRefineWrapper(nn.Module):
                 return h_text, z_hidden, layer_hidden, cache if policy == "keep_all" else None
 
             delta_list = [deltas[i] for i in self.layers_to_refine]
-            if checkpoint_steps:
+            if static and t == 0:
+                static_step = chunk_passes.start(self, snapshot, k_steps, w, x, self._delta_samples(b, w, x.device))
+            if static_step is not None:
+                h_text, layer_hidden = static_step(t, x, delta_list)
+                z_hidden = cache = None
+            elif checkpoint_steps:
                 # Recompute this step's activations in backward instead of keeping them: memory for K steps of the
                 # full model drops to about one step's. The step restores its cache from the snapshot inside
                 # (transformers' own checkpointing would run the chunk without its cached prefix).

@@ -26,6 +26,7 @@ from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import Noise, build_chunk
+from rkl.model.static_chunk import StaticChunkPasses
 from rkl.model.static_decode import StaticDecoder, graph_blocker
 from rkl.model.weights import SafetensorsStream
 from rkl.model.adapters import UNFROZEN_FILE, apply_lora, l2_to_pretrained, save_base_changes, unfreeze
@@ -70,6 +71,12 @@ class RefineTask:
         blocker = graph_blocker(base) if wanted else None
         self.decoder = StaticDecoder(base, config.seq_len) if wanted and not blocker else None
         self.draft_walk = "cuda_graph" if self.decoder is not None else "eager"
+        # the inner steps' chunk passes, on the same terms (and without [Z] or step checkpointing, which they lack)
+        chunk_graph = (config.chunk_pass_graph and frozen and device.type == "cuda" and not blocker
+                       and not config.use_latent_token and not config.gradient_checkpointing)
+        self.chunk_passes = StaticChunkPasses(base, prefix_range(config)[1]) if chunk_graph else None
+        # what run.json records; a capture that fails all the same says so on stderr and the eager passes run
+        self.chunk_pass_mode = "cuda_graph" if chunk_graph else "eager"
         if blocker:  # the graph was asked for and is possible in principle: say why this run walks eagerly
             self.draft_walk += f" ({blocker})"
             if self.rank == 0:
@@ -187,7 +194,8 @@ class RefineTask:
                                        decoder=self.decoder)
             chunk_in = chunk_in.to(self.device)
         result = self.wrapper.refine_chunk(chunk_in, snapshot, prev_logits, editable=torch.ones_like(valid),
-                                           max_inner_steps=max_inner_steps, prefix_ids=prefix)
+                                           max_inner_steps=max_inner_steps, prefix_ids=prefix,
+                                           chunk_passes=self.chunk_passes)
         hits = lambda logits: ((logits.argmax(-1) == targets) & loss_mask).sum()  # noqa: E731
         keep = keep_positions(valid, loss_mask, result.inputs[0], targets)
         # (loss positions, keep positions, right after K steps, right after one pass): this batch's, or with
@@ -386,6 +394,7 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
                       base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))
     meta["draft_walk"] = task.draft_walk
+    meta["chunk_passes"] = task.chunk_pass_mode
     del pretrained  # the task keeps what it needs (reference tensors, reference generations)
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)

@@ -1,0 +1,117 @@
+"""The inner steps' chunk passes over static buffers (rkl.model.static_chunk): the same logits, tokens and sidecar
+gradients as the eager passes, chunk after chunk from other prefix lengths; on a GPU, the graphed passes equal the
+same static passes run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rkl import ChunkRefineWrapper, RecursiveConfig
+from rkl.model.base import build_preset
+from rkl.model.static_chunk import StaticChunkPasses
+
+WIDTH, K, ROWS, MAX_PREFIX = 6, 3, 3, 24
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = build_preset("tiny", dtype=torch.float32, device_map="cpu")
+    model.eval()
+    return model
+
+
+def trained_looking(base, cell_type: str) -> ChunkRefineWrapper:
+    """A wrapper whose cells make non-zero deltas (surgery's are zero, which would hide a broken pass)."""
+    wrapper = ChunkRefineWrapper(base, RecursiveConfig(refine_cell_type=cell_type, max_inner_steps=K))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for cell in wrapper.refine_cells.values():
+            cell.out_proj.weight.normal_(0, 0.5)
+    wrapper.train()
+    return wrapper
+
+
+def step_and_grads(wrapper, chunk, snapshot, prev, targets, passes=None):
+    result = wrapper.refine_chunk(chunk, snapshot, prev, editable=torch.ones_like(chunk, dtype=torch.bool),
+                                  chunk_passes=passes)
+    loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), targets.flatten()) for l in result.logits)
+    loss = loss + sum(c.sum() for c in result.commit_logits)
+    wrapper.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in wrapper.named_parameters() if p.grad is not None}
+    return result, grads
+
+
+@pytest.mark.parametrize("cell_type", ["chunk_attention", "pooled"])
+def test_static_passes_match_the_eager_passes_from_each_new_prefix(base, cell_type):
+    """Three chunks through one StaticChunkPasses, the second from a SHORTER prefix than the first (latents the first
+    loaded past it must stay invisible) and each with its own KDA states: every step's logits and commit logits
+    equal the eager passes' to float32 rounding, the tokens are identical, and so are the gradients of every sidecar
+    parameter that gets one (the graph's backward replaces theirs). Broken on purpose, this fails: with the padding
+    between prefix and chunk visible, with the KDA states not reloaded. (Position ids off by one pass: Kimi-Linear's
+    MLA is NoPE.)"""
+    wrapper = trained_looking(base, cell_type)
+    passes = StaticChunkPasses(base, MAX_PREFIX, graph=False)
+    gen = torch.Generator().manual_seed(0)
+    for prefix_len in (17, 8, MAX_PREFIX):
+        ids = torch.randint(3, base.config.vocab_size, (ROWS, prefix_len), generator=gen)
+        chunk = torch.randint(3, base.config.vocab_size, (ROWS, WIDTH), generator=gen)
+        targets = torch.randint(3, base.config.vocab_size, (ROWS, WIDTH), generator=gen)
+        snapshot, prev = wrapper.prepare_prefix(ids)
+        eager, eager_grads = step_and_grads(wrapper, chunk, snapshot, prev, targets)
+        static, static_grads = step_and_grads(wrapper, chunk, snapshot, prev, targets, passes)
+        assert static.steps_used == eager.steps_used == K
+        for a, b in zip(static.logits + static.commit_logits, eager.logits + eager.commit_logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+        for a, b in zip(static.tokens, eager.tokens):
+            assert torch.equal(a, b)
+        assert static_grads.keys() == eager_grads.keys() and any(n.startswith("refine_cells") for n in eager_grads)
+        for name in eager_grads:
+            torch.testing.assert_close(static_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert passes.key is not None  # the static passes ran
+    assert passes.captures == 0  # a CPU runs the passes eagerly
+
+
+def test_static_passes_stand_aside_where_they_do_not_apply(base):
+    """Without gradient (validation), with a mask, and past the buffers' length the eager passes run or the call is
+    refused; nothing is loaded in the first two."""
+    wrapper = trained_looking(base, "chunk_attention")
+    passes = StaticChunkPasses(base, MAX_PREFIX, graph=False)
+    ids = torch.randint(3, base.config.vocab_size, (ROWS, 10))
+    chunk = torch.randint(3, base.config.vocab_size, (ROWS, WIDTH))
+    snapshot, prev = wrapper.prepare_prefix(ids)
+    editable = torch.ones_like(chunk, dtype=torch.bool)
+    with torch.no_grad():
+        wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, chunk_passes=passes)
+    wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, attention_mask=torch.ones_like(chunk),
+                         chunk_passes=passes)
+    assert passes.key is None
+    long_ids = torch.randint(3, base.config.vocab_size, (ROWS, MAX_PREFIX + 1))
+    long_snapshot, long_prev = wrapper.prepare_prefix(long_ids)
+    with pytest.raises(ValueError, match="at most 24 tokens, got 25"):
+        wrapper.refine_chunk(chunk, long_snapshot, long_prev, editable=editable, chunk_passes=passes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_passes_equal_the_same_static_passes_run_eagerly():
+    """On a GPU with a bf16 base under autocast: the graph replays give bitwise the logits, tokens and sidecar
+    gradients of the same static passes run eagerly, over two batches with different prefix lengths."""
+    model = build_preset("tiny", dtype=torch.bfloat16, device_map="cuda")
+    wrapper = trained_looking(model, "chunk_attention").cuda()
+    eager_passes = StaticChunkPasses(model, MAX_PREFIX, graph=False)
+    graphed = StaticChunkPasses(model, MAX_PREFIX, graph=True)
+    gen = torch.Generator().manual_seed(0)
+    for prefix_len in (17, 8):
+        ids = torch.randint(3, model.config.vocab_size, (ROWS, prefix_len), generator=gen).cuda()
+        chunk = torch.randint(3, model.config.vocab_size, (ROWS, WIDTH), generator=gen).cuda()
+        targets = torch.randint(3, model.config.vocab_size, (ROWS, WIDTH), generator=gen).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            snapshot, prev = wrapper.prepare_prefix(ids)
+            a, a_grads = step_and_grads(wrapper, chunk, snapshot, prev, targets, eager_passes)
+            b, b_grads = step_and_grads(wrapper, chunk, snapshot, prev, targets, graphed)
+        assert graphed.failed is None and graphed.captures == 1
+        for x, y in zip(a.logits + a.commit_logits + a.tokens, b.logits + b.commit_logits + b.tokens):
+            assert torch.equal(x, y)
+        for name in a_grads:
+            assert torch.equal(a_grads[name], b_grads[name]), name
