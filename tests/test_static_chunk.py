@@ -97,7 +97,7 @@ def test_static_passes_stand_aside_where_they_do_not_apply(base):
 def test_graphed_passes_equal_the_same_static_passes_run_eagerly():
     """On a GPU with a bf16 base under autocast: the graph replays give bitwise the logits, tokens and sidecar
     gradients of the same static passes run eagerly, over two batches with different prefix lengths."""
-    model = build_preset("tiny", dtype=torch.bfloat16, device_map="cuda")
+    model = build_preset("small", dtype=torch.bfloat16, device_map="cuda")  # kernels shared with the benchmarks
     wrapper = trained_looking(model, "chunk_attention").cuda()
     eager_passes = StaticChunkPasses(model, MAX_PREFIX, graph=False)
     graphed = StaticChunkPasses(model, MAX_PREFIX, graph=True)

@@ -71,16 +71,21 @@ def test_static_walk_refuses_a_skipped_position_and_the_end_of_its_buffers(base)
         StaticDecoder(base, max_len=7).start(snapshot)
 
 
-@pytest.mark.parametrize("setting, dtype, walk", [
-    ({}, torch.bfloat16, "cuda_graph"),
-    ({}, torch.float32, "eager (routed experts in float32: PyTorch's grouped_mm"),
-    ({"draft_walk_graph": False}, torch.bfloat16, "eager"),
-    ({"lora_rank": 4}, torch.bfloat16, "eager")], ids=["bf16", "float32", "off", "lora"])
-def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_bf16_base(base, setting, dtype, walk, capsys):
-    """On a CUDA device phase A's frozen bf16 base gets the graphed walk; off by config, or with LoRA (a base that
-    trains, not measured with a graph), it walks eagerly; with float32 routed experts (no graph-safe grouped_mm) it
-    walks eagerly and says why, in run.json's draft_walk and on stderr; on a CPU always eagerly. Broken on purpose
-    (the float32 check removed), the float32 case fails."""
+@pytest.mark.parametrize("setting, dtype, walk, passes", [
+    ({}, torch.bfloat16, "cuda_graph", "cuda_graph"),
+    ({}, torch.float32, "eager (routed experts in float32: PyTorch's grouped_mm", "eager (routed experts"),
+    ({"draft_walk_graph": False}, torch.bfloat16, "eager", "cuda_graph"),
+    ({"chunk_pass_graph": False}, torch.bfloat16, "cuda_graph", "eager"),
+    ({"use_latent_token": True}, torch.bfloat16, "cuda_graph", "eager"),
+    ({"gradient_checkpointing": True}, torch.bfloat16, "cuda_graph", "eager"),
+    ({"lora_rank": 4}, torch.bfloat16, "eager", "eager")],
+    ids=["bf16", "float32", "walk_off", "passes_off", "latent", "checkpointing", "lora"])
+def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_bf16_base(base, setting, dtype, walk, passes, capsys):
+    """On a CUDA device phase A's frozen bf16 base gets the graphed walk and chunk passes; off by config, or with
+    LoRA (a base that trains, not measured with a graph), it walks eagerly; with float32 routed experts (no
+    graph-safe grouped_mm) it walks eagerly and says why, in run.json's draft_walk and on stderr; on a CPU always
+    eagerly. The chunk passes follow, except with [Z] or step checkpointing (which the static passes lack). Broken
+    on purpose (the float32 check removed), the float32 case fails."""
     config = RecursiveConfig(chunk_width=4, max_inner_steps=2, d_state=16, gate_hidden=16, seq_len=20, **setting)
     stream = torch.arange(3, 300)
     tokenizer = SimpleNamespace(eos_token_id=2)
@@ -90,7 +95,9 @@ def test_phase_a_walks_a_graph_only_on_a_gpu_with_a_frozen_bf16_base(base, setti
         task = RefineTask(wrapper, tokenizer, config, stream, stream, device, "a", {})
         assert task.draft_walk.startswith(expected) and (task.draft_walk == expected) == ("(" not in expected)
         assert (task.decoder is not None) == (expected == "cuda_graph")
-        assert ("runs eagerly, not as a CUDA graph" in capsys.readouterr().err) == ("(" in expected)
+        assert task.chunk_pass_mode.startswith(passes if device.type == "cuda" else "eager")
+        assert (task.chunk_passes is not None) == (task.chunk_pass_mode == "cuda_graph")
+        assert ("run eagerly, not as CUDA graphs" in capsys.readouterr().err) == ("(" in expected)
         wrapper.remove_hooks()
 
 

@@ -67,20 +67,24 @@ class RefineTask:
         # A graph replays what its capture ran: only the base it was built and measured for gets one, frozen (no
         # LoRA, no unfrozen layers) and unsharded (FSDP all-gathers each layer in Python hooks, which cannot replay).
         frozen = not self.lora_params and not self.unfrozen and not any(is_sharded(p) for p in base.parameters())
-        wanted = config.draft_walk_graph and frozen and device.type == "cuda"
-        blocker = graph_blocker(base) if wanted else None
-        self.decoder = StaticDecoder(base, config.seq_len) if wanted and not blocker else None
-        self.draft_walk = "cuda_graph" if self.decoder is not None else "eager"
-        # the inner steps' chunk passes, on the same terms (and without [Z] or step checkpointing, which they lack)
-        chunk_graph = (config.chunk_pass_graph and frozen and device.type == "cuda" and not blocker
-                       and not config.use_latent_token and not config.gradient_checkpointing)
+        graphable = frozen and device.type == "cuda"
+        blocker = graph_blocker(base) if graphable else None
+        walk_graph = config.draft_walk_graph and graphable and not blocker
+        # the inner steps' chunk passes on the same terms, and without [Z] or step checkpointing (which they lack)
+        chunk_graph = (config.chunk_pass_graph and graphable and not blocker and not config.use_latent_token
+                       and not config.gradient_checkpointing)
+        self.decoder = StaticDecoder(base, config.seq_len) if walk_graph else None
         self.chunk_passes = StaticChunkPasses(base, prefix_range(config)[1]) if chunk_graph else None
-        # what run.json records; a capture that fails all the same says so on stderr and the eager passes run
+        # what run.json records (a capture that fails all the same says so on stderr, and the eager path runs)
+        self.draft_walk = "cuda_graph" if walk_graph else "eager"
         self.chunk_pass_mode = "cuda_graph" if chunk_graph else "eager"
-        if blocker:  # the graph was asked for and is possible in principle: say why this run walks eagerly
-            self.draft_walk += f" ({blocker})"
-            if self.rank == 0:
-                print(f"rkl: the draft walk runs eagerly, not as a CUDA graph: {blocker}", file=sys.stderr,
+        if blocker:  # graphs are possible in principle here: say why this run runs eagerly what it asked to graph
+            asked = [name for name, on in (("the draft walk", config.draft_walk_graph),
+                                           ("the inner steps' chunk passes", config.chunk_pass_graph)) if on]
+            self.draft_walk += f" ({blocker})" if config.draft_walk_graph else ""
+            self.chunk_pass_mode += f" ({blocker})" if config.chunk_pass_graph else ""
+            if asked and self.rank == 0:
+                print(f"rkl: {' and '.join(asked)} run eagerly, not as CUDA graphs: {blocker}", file=sys.stderr,
                       flush=True)
         if self.unfrozen:
             # The L2 pull and the drift are both measured against the PRETRAINED base (not whatever this run
