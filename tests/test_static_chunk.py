@@ -18,6 +18,7 @@ WIDTH, K, ROWS, MAX_PREFIX = 6, 3, 3, 24
 def base():
     model = build_preset("tiny", dtype=torch.float32, device_map="cpu")
     model.eval()
+    model.requires_grad_(False)  # as phase A freezes it
     return model
 
 
@@ -91,6 +92,12 @@ def test_static_passes_stand_aside_where_they_do_not_apply(base):
     long_snapshot, long_prev = wrapper.prepare_prefix(long_ids)
     with pytest.raises(ValueError, match="at most 24 tokens, got 25"):
         wrapper.refine_chunk(chunk, long_snapshot, long_prev, editable=editable, chunk_passes=passes)
+    base.model.norm.weight.requires_grad_(True)  # a base that trains would get no gradient through the passes
+    try:
+        with pytest.raises(ValueError, match="freeze the base"):
+            wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, chunk_passes=passes)
+    finally:
+        base.model.norm.weight.requires_grad_(False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -98,6 +105,7 @@ def test_graphed_passes_equal_the_same_static_passes_run_eagerly():
     """On a GPU with a bf16 base under autocast: the graph replays give bitwise the logits, tokens and sidecar
     gradients of the same static passes run eagerly, over two batches with different prefix lengths."""
     model = build_preset("small", dtype=torch.bfloat16, device_map="cuda")  # kernels shared with the benchmarks
+    model.requires_grad_(False)  # as phase A freezes it
     wrapper = trained_looking(model, "chunk_attention").cuda()
     eager_passes = StaticChunkPasses(model, MAX_PREFIX, graph=False)
     graphed = StaticChunkPasses(model, MAX_PREFIX, graph=True)

@@ -24,13 +24,22 @@ layer's delta as an input and return its gradient. One set of graphs at a time, 
 autocast dtype); validation (no gradient) runs the ordinary eager passes.
 
 Numerics: attention runs over max_prefix + W keys with the padding masked, where the eager pass runs over exactly
-prefix + W, so on a GPU in bf16 the hidden states can differ from the eager pass's in the last bits (the same
-trade as rkl.model.static_decode). On a CPU there is no graph: the same static pass runs eagerly, and tests
-compare it with the eager pass, values and gradients.
+prefix + W, so on a GPU in bf16 the hidden states round differently from the eager pass's (the same trade as
+rkl.model.static_decode), and a random-weight model amplifies such differences layer by layer, as it does between
+any two of rkl's bf16 paths (the chunked and the one-token KDA kernels, say). Training then sees the static pass's
+rounding; validation and generation the eager pass's. In float32 on a CPU the two agree to 1e-4 (tests), and a
+GPU test checks that the graphs replay the static passes bitwise.
+
+Contract: each graphed forward with gradient must be followed by its backward before the next refine_chunk with
+gradient (the training loop's micro-batches do this); a second forward first would overwrite the saved activations,
+the fixed KDA states and the output buffers, silently. The masks are boolean, which transformers' SDPA attention
+reads as "visible" (its eager attention would add them to the scores): only an SDPA base is accepted.
 
 Used for phase A's frozen, unsharded base with bf16 routed experts only (rkl.model.static_decode.graph_blocker): a
 graph bakes in what its capture ran, so FSDP's all-gathers or a base that trains (LoRA, unfrozen layers) cannot be
-replayed. Where a capture fails anyway, refine_chunk is told once and runs its eager passes.
+replayed, and the graphed passes are plain functions whose only differentiable inputs are the deltas: a base
+weight that requires grad would get none, so start() refuses such a base. Where a capture fails anyway,
+refine_chunk is told once (stderr) and runs its eager passes.
 """
 
 from __future__ import annotations
@@ -56,6 +65,10 @@ class StaticChunkPasses:
     static passes eagerly (CPU tests)."""
 
     def __init__(self, base: torch.nn.Module, max_prefix: int, graph: bool | None = None) -> None:
+        attention = getattr(base.config, "_attn_implementation", None)
+        if attention != "sdpa":
+            raise ValueError(f"static chunk passes need the base's attention to be 'sdpa' (boolean masks), got "
+                             f"{attention!r}")
         self.base = base
         self.max_prefix = max_prefix
         self.device = next(base.parameters()).device
@@ -75,6 +88,8 @@ class StaticChunkPasses:
               delta_samples: list[torch.Tensor]) -> StepFn | None:
         if self.failed is not None:
             return None
+        if any(p.requires_grad for p in self.base.parameters()):
+            raise ValueError("static chunk passes take gradients for the deltas only: freeze the base first")
         prefix = snapshot.seq_length
         if prefix is None or prefix > self.max_prefix:
             raise ValueError(f"a static chunk pass needs a snapshot with a prefix of at most {self.max_prefix} "
@@ -92,7 +107,7 @@ class StaticChunkPasses:
         if self.graph and self.steps is None:
             try:
                 self.steps = self._capture(x, delta_samples)
-            except RuntimeError as e:  # e.g. a kernel that waits on the host: the eager passes run instead
+            except (RuntimeError, ValueError, AssertionError) as e:  # e.g. a kernel that waits on the host
                 self.failed = str(e).splitlines()[0]
                 self.key = self.steps = None
                 print(f"rkl: the inner steps' chunk passes could not be captured as CUDA graphs ({self.failed}); "

@@ -72,7 +72,8 @@ class RefineTask:
         walk_graph = config.draft_walk_graph and graphable and not blocker
         # the inner steps' chunk passes on the same terms, and without [Z] or step checkpointing (which they lack)
         chunk_graph = (config.chunk_pass_graph and graphable and not blocker and not config.use_latent_token
-                       and not config.gradient_checkpointing)
+                       and not config.gradient_checkpointing
+                       and getattr(base.config, "_attn_implementation", None) == "sdpa")
         self.decoder = StaticDecoder(base, config.seq_len) if walk_graph else None
         self.chunk_passes = StaticChunkPasses(base, prefix_range(config)[1]) if chunk_graph else None
         # what run.json records (a capture that fails all the same says so on stderr, and the eager path runs)
