@@ -175,6 +175,7 @@ class StaticChunkPasses:
             state = _Pass(dict(zip(layers, deltas or [None] * len(layers))), start=0, width=width)
             hidden = wrapper._run(x, {"full_attention": visible, "linear_attention": None}, positions,
                                   self._rebind(cache), state)
+            self._rebind(cache)  # let go of this pass's appended latents and final KDA states
             return (hidden, *(state.hidden[i] for i in layers))
 
         return chunk_pass
