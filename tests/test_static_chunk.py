@@ -102,8 +102,10 @@ def test_static_passes_stand_aside_where_they_do_not_apply(base):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_graphed_passes_equal_the_same_static_passes_run_eagerly():
-    """On a GPU with a bf16 base under autocast: the graph replays give bitwise the logits, tokens and sidecar
-    gradients of the same static passes run eagerly, over two batches with different prefix lengths."""
+    """On a GPU with a bf16 base under autocast: the graph replays give bitwise the logits, commit logits and tokens
+    of the same static passes run eagerly, over two batches with different prefix lengths, and the same sidecar
+    gradients up to the backward's run-to-run variation (about 1% relative on an H100 between two replays of one
+    graph on the same input: the backward kernels are not deterministic)."""
     model = build_preset("small", dtype=torch.bfloat16, device_map="cuda")  # kernels shared with the benchmarks
     model.requires_grad_(False)  # as phase A freezes it
     wrapper = trained_looking(model, "chunk_attention").cuda()
@@ -121,5 +123,7 @@ def test_graphed_passes_equal_the_same_static_passes_run_eagerly():
         assert graphed.failed is None and graphed.captures == 1
         for x, y in zip(a.logits + a.commit_logits + a.tokens, b.logits + b.commit_logits + b.tokens):
             assert torch.equal(x, y)
+        assert a_grads.keys() == b_grads.keys()
         for name in a_grads:
-            assert torch.equal(a_grads[name], b_grads[name]), name
+            gap = (a_grads[name] - b_grads[name]).norm() / a_grads[name].norm().clamp_min(1e-12)
+            assert gap < 0.05, (name, float(gap))
