@@ -127,3 +127,44 @@ def test_graphed_passes_equal_the_same_static_passes_run_eagerly():
         for name in a_grads:
             gap = (a_grads[name] - b_grads[name]).norm() / a_grads[name].norm().clamp_min(1e-12)
             assert gap < 0.05, (name, float(gap))
+
+
+def test_phase_a_loss_and_gradients_are_the_same_through_the_static_passes(base):
+    """RefineTask hands its chunk passes to refine_chunk: phase A's loss, its logged terms and the sidecar's
+    gradients through StaticChunkPasses (run eagerly, as on a CPU) equal the eager passes', over steps whose prefix
+    lengths differ (prefix_range sizes the buffers). Broken on purpose (losses_on not passing chunk_passes), the
+    check that the static passes ran fails."""
+    from types import SimpleNamespace
+
+    from rkl.paths import stage_config_path
+    from rkl.train.refine_phases import RefineTask, prefix_range
+
+    config = RecursiveConfig.from_file(stage_config_path("phase_a")).replace(
+        chunk_width=4, max_inner_steps=3, seq_len=20, batch_size=2, d_state=16, gate_hidden=16, steps=10)
+    wrapper = ChunkRefineWrapper(base, config)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        for cell in wrapper.refine_cells.values():
+            cell.out_proj.weight.normal_(0, 0.5)
+    stream = torch.randint(3, base.config.vocab_size, (4000,), generator=torch.Generator().manual_seed(0))
+    task = RefineTask(wrapper, SimpleNamespace(eos_token_id=2), config, stream, stream, torch.device("cpu"), "a", {})
+    task.train_mode(True)
+    static = StaticChunkPasses(base, prefix_range(config)[1], graph=False)
+    prefixes = set()
+    for step in range(3):
+        runs = []
+        for passes in (None, static):
+            task.chunk_passes = passes
+            loss, stats = task.loss(step, 0)
+            wrapper.zero_grad(set_to_none=True)
+            loss.backward()
+            runs.append((loss.detach(), stats, {n: p.grad.clone() for n, p in wrapper.named_parameters()
+                                                if p.grad is not None}))
+        (loss_e, stats_e, grads_e), (loss_s, stats_s, grads_s) = runs
+        torch.testing.assert_close(loss_s, loss_e, rtol=1e-5, atol=1e-6)
+        assert stats_s["n_loss_positions"] == stats_e["n_loss_positions"] and stats_s["tokens"] == stats_e["tokens"]
+        assert grads_s.keys() == grads_e.keys()
+        for name in grads_e:
+            torch.testing.assert_close(grads_s[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
+        prefixes.add(int(stats_e["tokens"]))
+    assert static.key is not None and len(prefixes) > 1  # the static passes ran, over different prefix lengths
