@@ -168,3 +168,23 @@ def test_phase_a_loss_and_gradients_are_the_same_through_the_static_passes(base)
             torch.testing.assert_close(grads_s[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
         prefixes.add(int(stats_e["tokens"]))
     assert static.key is not None and len(prefixes) > 1  # the static passes ran, over different prefix lengths
+
+
+def test_run_json_says_when_a_capture_failed(base):
+    """run.json is written from run_facts at each checkpoint: a chunk-pass capture that failed after the run began
+    shows there as eager, with its reason."""
+    from types import SimpleNamespace
+
+    from rkl.train.refine_phases import RefineTask
+
+    config = RecursiveConfig(chunk_width=4, max_inner_steps=2, d_state=16, gate_hidden=16, seq_len=20)
+    wrapper = ChunkRefineWrapper(base, config)
+    stream = torch.arange(3, 300)
+    task = RefineTask(wrapper, SimpleNamespace(eos_token_id=2), config, stream, stream, torch.device("cpu"), "a", {})
+    assert task.run_facts() == {"draft_walk": "eager", "chunk_passes": "eager"}
+    task.chunk_passes, task.chunk_pass_mode = StaticChunkPasses(base, 16, graph=False), "cuda_graph"
+    assert task.run_facts()["chunk_passes"] == "cuda_graph"
+    task.chunk_passes.failed = "operation not permitted when stream is capturing"
+    assert task.run_facts()["chunk_passes"] == ("eager (the CUDA graphs' capture failed: operation not permitted "
+                                                 "when stream is capturing)")
+    wrapper.remove_hooks()

@@ -64,6 +64,9 @@ class LMTask:
             accs.append(float(acc))
         return {"loss": sum(losses) / len(losses), "token_accuracy": sum(accs) / len(accs)}
 
+    def run_facts(self) -> dict:
+        return {}
+
     def save_sharded(self, folder: Path | None) -> None:
         pass  # nothing is sharded: FSDP is refused for these phases (rkl.train.sharding)
 

@@ -52,6 +52,8 @@ class TrainTask(Protocol):
     def save_sharded(self, folder: Path | None) -> None:
         """Called on every process first in a save (collective where FSDP shards trained tensors): write the sharded
         tensors, gathered whole, into the checkpoint folder on the main process (None on the others)."""
+    def run_facts(self) -> dict:
+        """What run.json records of how the task ran so far, read at each checkpoint (e.g. a CUDA graph given up)."""
 
 
 @dataclass
@@ -158,7 +160,7 @@ def _train(task: TrainTask, config: RecursiveConfig, out_dir: Path, log_dir: Pat
             if main:
                 training_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                   "rng": rng_state(), "step": step}
-                write_checkpoint_files(folder, config, {**meta, "step": step}, training_state)
+                write_checkpoint_files(folder, config, {**meta, **task.run_facts(), "step": step}, training_state)
         accelerator.wait_for_everyone()
         result.checkpoint_step = step
 

@@ -76,7 +76,7 @@ class RefineTask:
                        and getattr(base.config, "_attn_implementation", None) == "sdpa")
         self.decoder = StaticDecoder(base, config.seq_len) if walk_graph else None
         self.chunk_passes = StaticChunkPasses(base, prefix_range(config)[1]) if chunk_graph else None
-        # what run.json records (a capture that fails all the same says so on stderr, and the eager path runs)
+        # what run.json records (run_facts adds a capture that failed all the same; the eager path then runs)
         self.draft_walk = "cuda_graph" if walk_graph else "eager"
         self.chunk_pass_mode = "cuda_graph" if chunk_graph else "eager"
         if blocker:  # graphs are possible in principle here: say why this run runs eagerly what it asked to graph
@@ -96,6 +96,15 @@ class RefineTask:
             self.reference = {n: weights[n.replace(".base_layer", "")].detach().clone() for n in self.unfrozen}
             self.drift = DriftProbe(wrapper, tokenizer, config, device, reference_model=pretrained,
                                     new_tokens=config.drift_new_tokens)
+
+    def run_facts(self) -> dict:
+        """The walk and the chunk passes as they ran: a graph whose capture failed ran eagerly (stderr said why)."""
+        walk, passes = self.draft_walk, self.chunk_pass_mode
+        if self.decoder is not None and not self.decoder.graph:
+            walk = "eager (the CUDA graph's capture failed)"
+        if self.chunk_passes is not None and self.chunk_passes.failed is not None:
+            passes = f"eager (the CUDA graphs' capture failed: {self.chunk_passes.failed})"
+        return {"draft_walk": walk, "chunk_passes": passes}
 
     # --- what the shared loop needs ---------------------------------------------------------------------
     def trainable_groups(self) -> dict[str, tuple[list[torch.nn.Parameter], float]]:
@@ -398,8 +407,6 @@ def run_refine_phase(run: PhaseRun) -> TrainResult:
         meta["model_loading"] = "read by the first process, sent to the others"
     task = RefineTask(wrapper, tokenizer, config, train_stream, val_stream, accelerator.device, run.phase,
                       base_reference, pretrained, shard=(accelerator.process_index, accelerator.num_processes))
-    meta["draft_walk"] = task.draft_walk
-    meta["chunk_passes"] = task.chunk_pass_mode
     del pretrained  # the task keeps what it needs (reference tensors, reference generations)
     return train(task, config, run.out, run.log_dir, meta, accelerator, resume=run.resume, stop_at=run.stop_at,
                  show_progress=run.show_progress)
