@@ -188,3 +188,25 @@ def test_run_json_says_when_a_capture_failed(base):
     assert task.run_facts()["chunk_passes"] == ("eager (the CUDA graphs' capture failed: operation not permitted "
                                                  "when stream is capturing)")
     wrapper.remove_hooks()
+
+
+def test_a_second_forward_before_the_backward_is_refused(base):
+    """The passes' buffers hold what a forward's backward needs: a second refine_chunk with gradient before that
+    backward is refused (under a graph it would silently give wrong gradients); after the backward, or without
+    gradient, it runs. Broken on purpose (no hook clearing the flag), the call after the backward fails."""
+    wrapper = trained_looking(base, "chunk_attention")
+    passes = StaticChunkPasses(base, MAX_PREFIX, graph=False)
+    ids = torch.randint(3, base.config.vocab_size, (ROWS, 10))
+    chunk = torch.randint(3, base.config.vocab_size, (ROWS, WIDTH))
+    snapshot, prev = wrapper.prepare_prefix(ids)
+    editable = torch.ones_like(chunk, dtype=torch.bool)
+    run = lambda: wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, chunk_passes=passes)  # noqa: E731
+    first = run()
+    with pytest.raises(RuntimeError, match="call backward first"):
+        run()
+    sum(l.sum() for l in first.logits).backward()
+    with torch.no_grad():
+        run()
+    second = run()
+    sum(l.sum() for l in second.logits).backward()
+    assert not passes.awaiting_backward

@@ -30,9 +30,10 @@ any two of rkl's bf16 paths (the chunked and the one-token KDA kernels, say). Tr
 rounding; validation and generation the eager pass's. In float32 on a CPU the two agree to 1e-4 (tests), and a
 GPU test checks that the graphs replay the static passes bitwise.
 
-Contract: each graphed forward with gradient must be followed by its backward before the next refine_chunk with
-gradient (the training loop's micro-batches do this); a second forward first would overwrite the saved activations,
-the fixed KDA states and the output buffers, silently. The masks are boolean, which transformers' SDPA attention
+Contract: each forward with gradient must be followed by its backward before the next refine_chunk with gradient
+(the training loop's micro-batches do this); a second forward first would overwrite the saved activations, the
+fixed KDA states and the output buffers, silently under a graph. start() refuses it: a hook on step 2's first delta
+marks the backward done. The masks are boolean, which transformers' SDPA attention
 reads as "visible" (its eager attention would add them to the scores): only an SDPA base is accepted.
 
 Used for phase A's frozen, unsharded base with bf16 routed experts only (rkl.model.static_decode.graph_blocker): a
@@ -82,12 +83,16 @@ class StaticChunkPasses:
         self.passes: list[Callable] = []  # one per inner step, eager
         self.steps: list[Callable] | None = None  # the same, graphed
         self.captures = 0  # sets of graphs captured so far (a benchmark reports it)
+        self.awaiting_backward = False  # a forward with gradient ran and its backward has not reached step 2 yet
 
     # ------------------------------------------------------------------------------------------------ use
     def start(self, wrapper: Any, snapshot: CacheSnapshot, k_steps: int, width: int, x: torch.Tensor,
               delta_samples: list[torch.Tensor]) -> StepFn | None:
         if self.failed is not None:
             return None
+        if self.awaiting_backward:
+            raise RuntimeError("the static chunk passes ran forward with gradient and were started again before that "
+                               "backward: their buffers hold what the backward needs; call backward first")
         if any(p.requires_grad for p in self.base.parameters()):
             raise ValueError("static chunk passes take gradients for the deltas only: freeze the base first")
         prefix = snapshot.seq_length
@@ -117,12 +122,18 @@ class StaticChunkPasses:
         run = self.steps if self.graph else self.passes
 
         def step(t: int, x: torch.Tensor, deltas: list) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            if t == 1 and deltas[0].requires_grad:  # step 2's backward is the last to run
+                self.awaiting_backward = True
+                deltas[0].register_hook(self._backward_done)
             out = run[t](x) if t == 0 else run[t](x, *deltas)
             return out[0], tuple(out[1:])
 
         return step
 
     # -------------------------------------------------------------------------------------------- internals
+    def _backward_done(self, grad: torch.Tensor) -> None:
+        self.awaiting_backward = False
+
     def _allocate(self, snapshot: CacheSnapshot) -> None:
         """Fixed tensors shaped like the snapshot's, the MLA ones max_prefix long."""
         self.kda, self.mla = [], []
