@@ -72,17 +72,25 @@ def test_static_passes_match_the_eager_passes_from_each_new_prefix(base, cell_ty
             torch.testing.assert_close(static_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
         assert passes.key is not None  # the static passes ran
     assert passes.captures == 0  # a CPU runs the passes eagerly
+    wrapper.remove_hooks()  # the base is shared by this module's tests
 
 
-def test_static_passes_stand_aside_where_they_do_not_apply(base):
-    """Without gradient (validation), with a mask, and past the buffers' length the eager passes run or the call is
-    refused; nothing is loaded in the first two."""
+@pytest.fixture
+def one_chunk(base):
+    """(wrapper, static passes, chunk, its snapshot, prev logits, editable) for one chunk after a 10-token prefix."""
     wrapper = trained_looking(base, "chunk_attention")
-    passes = StaticChunkPasses(base, MAX_PREFIX, graph=False)
     ids = torch.randint(3, base.config.vocab_size, (ROWS, 10))
     chunk = torch.randint(3, base.config.vocab_size, (ROWS, WIDTH))
     snapshot, prev = wrapper.prepare_prefix(ids)
-    editable = torch.ones_like(chunk, dtype=torch.bool)
+    yield (wrapper, StaticChunkPasses(base, MAX_PREFIX, graph=False), chunk, snapshot, prev,
+           torch.ones_like(chunk, dtype=torch.bool))
+    wrapper.remove_hooks()  # the base is shared by this module's tests
+
+
+def test_static_passes_stand_aside_where_they_do_not_apply(base, one_chunk):
+    """Without gradient (validation), with a mask, and past the buffers' length the eager passes run or the call is
+    refused; nothing is loaded in the first two."""
+    wrapper, passes, chunk, snapshot, prev, editable = one_chunk
     with torch.no_grad():
         wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, chunk_passes=passes)
     wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, attention_mask=torch.ones_like(chunk),
@@ -168,6 +176,7 @@ def test_phase_a_loss_and_gradients_are_the_same_through_the_static_passes(base)
             torch.testing.assert_close(grads_s[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
         prefixes.add(int(stats_e["tokens"]))
     assert static.key is not None and len(prefixes) > 1  # the static passes ran, over different prefix lengths
+    wrapper.remove_hooks()
 
 
 def test_run_json_says_when_a_capture_failed(base):
@@ -190,16 +199,11 @@ def test_run_json_says_when_a_capture_failed(base):
     wrapper.remove_hooks()
 
 
-def test_a_second_forward_before_the_backward_is_refused(base):
+def test_a_second_forward_before_the_backward_is_refused(one_chunk):
     """The passes' buffers hold what a forward's backward needs: a second refine_chunk with gradient before that
     backward is refused (under a graph it would silently give wrong gradients); after the backward, or without
     gradient, it runs. Broken on purpose (no hook clearing the flag), the call after the backward fails."""
-    wrapper = trained_looking(base, "chunk_attention")
-    passes = StaticChunkPasses(base, MAX_PREFIX, graph=False)
-    ids = torch.randint(3, base.config.vocab_size, (ROWS, 10))
-    chunk = torch.randint(3, base.config.vocab_size, (ROWS, WIDTH))
-    snapshot, prev = wrapper.prepare_prefix(ids)
-    editable = torch.ones_like(chunk, dtype=torch.bool)
+    wrapper, passes, chunk, snapshot, prev, editable = one_chunk
     run = lambda: wrapper.refine_chunk(chunk, snapshot, prev, editable=editable, chunk_passes=passes)  # noqa: E731
     first = run()
     with pytest.raises(RuntimeError, match="call backward first"):
