@@ -52,24 +52,31 @@ import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from rkl.model.cache import CacheSnapshot, restore_cache
-from rkl.model.static_decode import graph_by_default
+from rkl.model.static_decode import copy_padded, graph_by_default
 
 StepFn = Callable[[int, torch.Tensor, list], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 
 
+def attention_blocker(base: torch.nn.Module) -> str | None:
+    """Why the static passes cannot run on `base`'s attention, or None: their masks are boolean, which transformers'
+    SDPA attention reads as "visible" and its eager attention would add to the scores."""
+    attention = getattr(base.config, "_attn_implementation", None)
+    if attention != "sdpa":
+        return f"static chunk passes need the base's attention to be 'sdpa' (boolean masks), got {attention!r}"
+    return None
+
+
 class StaticChunkPasses:
-    """`start(wrapper, snapshot, k_steps, width, x, delta_samples)` loads a chunk-start snapshot into the static
-    buffers and returns `step(t, x, deltas) -> (final hidden states [B, W, H], per refined layer its hidden states at
-    the chunk positions)`: inner step t's chunk pass (t = 0 takes no deltas). Or None where the graphs cannot be used
-    (a capture failed once). delta_samples: one tensor per refined layer shaped and typed like its deltas.
-    graph: capture CUDA graphs (default: on a CUDA device unless graph_blocker names a reason); False runs the same
+    """`start(wrapper, snapshot, k_steps, width, x)` loads a chunk-start snapshot into the static buffers and returns
+    `step(t, x, deltas) -> (final hidden states [B, W, H], per refined layer its hidden states at the chunk
+    positions)`: inner step t's chunk pass (t = 0 takes no deltas). Or None where the graphs cannot be used (a
+    capture failed once). graph: capture CUDA graphs (default: on a CUDA device unless graph_blocker names a reason); False runs the same
     static passes eagerly (CPU tests)."""
 
     def __init__(self, base: torch.nn.Module, max_prefix: int, graph: bool | None = None) -> None:
-        attention = getattr(base.config, "_attn_implementation", None)
-        if attention != "sdpa":
-            raise ValueError(f"static chunk passes need the base's attention to be 'sdpa' (boolean masks), got "
-                             f"{attention!r}")
+        blocker = attention_blocker(base)
+        if blocker:
+            raise ValueError(blocker)
         self.base = base
         self.max_prefix = max_prefix
         self.device = next(base.parameters()).device
@@ -86,8 +93,8 @@ class StaticChunkPasses:
         self.awaiting_backward = False  # a forward with gradient ran and its backward has not reached step 2 yet
 
     # ------------------------------------------------------------------------------------------------ use
-    def start(self, wrapper: Any, snapshot: CacheSnapshot, k_steps: int, width: int, x: torch.Tensor,
-              delta_samples: list[torch.Tensor]) -> StepFn | None:
+    def start(self, wrapper: Any, snapshot: CacheSnapshot, k_steps: int, width: int, x: torch.Tensor
+              ) -> StepFn | None:
         if self.failed is not None:
             return None
         if self.awaiting_backward:
@@ -101,8 +108,10 @@ class StaticChunkPasses:
                              f"tokens, got {prefix}")
         device_type = self.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = (snapshot.batch_size, k_steps, width, wrapper.training, autocast, x.dtype,
-               tuple((d.shape, d.dtype) for d in delta_samples))
+        # what a capture bakes in: the wrapper its passes run (hooks, cells), every shape and dtype (the deltas'
+        # follow from the cells, the rows and the autocast)
+        key = (id(wrapper), snapshot.batch_size, k_steps, width, wrapper.training, autocast, x.dtype,
+               next(wrapper.refine_cells.parameters()).dtype)
         if key != self.key:
             self.key = self.steps = None
             self._allocate(snapshot)
@@ -111,7 +120,7 @@ class StaticChunkPasses:
         self._load(snapshot)
         if self.graph and self.steps is None:
             try:
-                self.steps = self._capture(x, delta_samples)
+                self.steps = self._capture(x, wrapper._delta_samples(snapshot.batch_size, width, x.device))
             except (RuntimeError, ValueError, AssertionError) as e:  # e.g. a kernel that waits on the host
                 self.failed = str(e).splitlines()[0]
                 self.key = self.steps = None
@@ -151,15 +160,10 @@ class StaticChunkPasses:
     def _load(self, snapshot: CacheSnapshot) -> None:
         for i, name, k, fixed in self.kda:
             fixed.copy_(snapshot.layers[i][1][name][k])
-        p = snapshot.seq_length
         for i, keys, values in self.mla:
-            attrs = snapshot.layers[i][1]
-            keys[..., :p, :].copy_(attrs["keys"])
-            values[..., :p, :].copy_(attrs["values"])
-            # masked, but a masked NaN left by an earlier, longer prefix would still poison the attention
-            keys[..., p:, :].zero_()
-            values[..., p:, :].zero_()
-        self.prefix_len.fill_(p)
+            copy_padded(keys, snapshot.layers[i][1]["keys"])
+            copy_padded(values, snapshot.layers[i][1]["values"])
+        self.prefix_len.fill_(snapshot.seq_length)
 
     def _rebind(self, cache: Any) -> Any:
         """Point `cache` at the fixed tensors again: a pass rebinds its KDA states and appends to its MLA latents."""

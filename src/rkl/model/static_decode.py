@@ -57,6 +57,14 @@ class _StaticLatentLayer(StaticLayer):
         return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
 
 
+def copy_padded(buffer: torch.Tensor, latents: torch.Tensor) -> None:
+    """Copy a prefix's MLA latents [..., p, d] into the front of a longer buffer [..., max_len, d] and zero the rest:
+    what an earlier, longer prefix left there is masked, but a masked NaN still poisons the attention."""
+    p = latents.shape[-2]
+    buffer[..., :p, :].copy_(latents)
+    buffer[..., p:, :].zero_()
+
+
 def graph_blocker(base: torch.nn.Module) -> str | None:
     """Why the base's decode step cannot be captured as a CUDA graph, where that is known beforehand, or None. With
     transformers' default experts implementation the routed experts run through PyTorch's grouped_mm, whose
@@ -170,13 +178,9 @@ class StaticDecoder:
         """Copy the snapshot into the slot's tensors (their addresses stay)."""
         for layer, (_, attrs) in zip(slot.cache.layers, snapshot.layers):
             if isinstance(layer, StaticLayer):
-                p = attrs["keys"].shape[-2]
-                layer.keys[:, :, :p].copy_(attrs["keys"])
-                layer.values[:, :, :p].copy_(attrs["values"])
-                # what earlier walks wrote past the prefix is masked, but a masked NaN still poisons the attention
-                layer.keys[:, :, p:].zero_()
-                layer.values[:, :, p:].zero_()
-                layer.cumulative_length.fill_(p)
+                copy_padded(layer.keys, attrs["keys"])
+                copy_padded(layer.values, attrs["values"])
+                layer.cumulative_length.fill_(attrs["keys"].shape[-2])
             else:
                 for name in ("conv_states", "recurrent_states"):
                     stored = getattr(layer, name)

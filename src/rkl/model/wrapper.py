@@ -473,7 +473,7 @@ class ChunkRefineWrapper(nn.Module):
 
             delta_list = [deltas[i] for i in self.layers_to_refine]
             if static and t == 0:
-                static_step = chunk_passes.start(self, snapshot, k_steps, w, x, self._delta_samples(b, w, x.device))
+                static_step = chunk_passes.start(self, snapshot, k_steps, w, x)
             if static_step is not None:
                 h_text, layer_hidden = static_step(t, x, delta_list)
                 z_hidden = cache = None

@@ -26,7 +26,7 @@ from rkl.errors import UserError
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import Noise, build_chunk
-from rkl.model.static_chunk import StaticChunkPasses
+from rkl.model.static_chunk import StaticChunkPasses, attention_blocker
 from rkl.model.static_decode import StaticDecoder, graph_blocker
 from rkl.model.weights import SafetensorsStream
 from rkl.model.adapters import UNFROZEN_FILE, apply_lora, l2_to_pretrained, save_base_changes, unfreeze
@@ -73,7 +73,7 @@ class RefineTask:
         # the inner steps' chunk passes on the same terms, and without [Z] or step checkpointing (which they lack)
         chunk_graph = (config.chunk_pass_graph and graphable and not blocker and not config.use_latent_token
                        and not config.gradient_checkpointing
-                       and getattr(base.config, "_attn_implementation", None) == "sdpa")
+                       and attention_blocker(base) is None)
         self.decoder = StaticDecoder(base, config.seq_len) if walk_graph else None
         self.chunk_passes = StaticChunkPasses(base, prefix_range(config)[1]) if chunk_graph else None
         # what run.json records (run_facts adds a capture that failed all the same; the eager path then runs)
