@@ -215,9 +215,10 @@ def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
-def walk_comparison(base, args) -> dict[tuple[int, str, str], tuple[float, float, float]]:
+def walk_comparison(base, args) -> dict[tuple[int, str, str, str], tuple[float, float, float]]:
     """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps (and with
-    --compare-graph each eagerly and with the CUDA-graphed walk), over the steps of one group (8 steps for 1, whose
+    --compare-graph each eagerly and with the CUDA-graphed walk; with --compare-prefix-reuse each G above 1 also with
+    every step running its own prefix pass, as before it reused the walk's), over the steps of one group (8 steps for 1, whose
     steps all cost the same): each setting runs them twice, and the second pass, which meets no new shape, is timed.
     Every step is held at the prefix length of step 0 (each group's first), so all see the same shapes."""
     groups = [int(g) for g in args.walk_steps.split(",")] if args.walk_steps else []
@@ -226,10 +227,15 @@ def walk_comparison(base, args) -> dict[tuple[int, str, str], tuple[float, float
     settings = ([(False, True), (True, True)] if args.compare_graph and on_gpu
                 else [(True, False), (True, True)] if args.compare_chunk_graph and on_gpu else [(True, True)])
     rows = {}
-    for g in [1, *groups]:
+    for g, reuse in [(1, "own"), *((g, r) for g in groups
+                                   for r in (("own", "walk's") if args.compare_prefix_reuse else ("walk's",)))]:
         for graph, chunk_graph in settings:
             task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph,
                                 chunk_graph=chunk_graph)
+            if g > 1 and reuse == "own":  # the walk's chunk, but the step's own prefix pass
+                losses_on = task.losses_on
+                task.losses_on = (lambda *a, walked=None, losses_on=losses_on, **kw:
+                                  losses_on(*a, chunk_in=walked.chunk, **kw))
             if g == 1:
                 drawn = task.micro_batch
                 group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
@@ -242,16 +248,16 @@ def walk_comparison(base, args) -> dict[tuple[int, str, str], tuple[float, float
                 runs = [loop_step(task, s) for s in range(n)]
             peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
             secs = sum(s for s, _ in runs)
-            rows[g, task.draft_walk, task.chunk_pass_mode] = (secs / n, sum(t for _, t in runs) / secs, peak)
-            say(f"  draft_walk_steps {g}, {task.draft_walk} walk, {task.chunk_pass_mode} chunk passes: "
-                f"{secs / n:.3f} s/step over {n} steps")
+            rows[g, task.draft_walk, task.chunk_pass_mode, reuse] = (secs / n, sum(t for _, t in runs) / secs, peak)
+            say(f"  draft_walk_steps {g}, {task.draft_walk} walk, {task.chunk_pass_mode} chunk passes, {reuse} prefix "
+                f"pass: {secs / n:.3f} s/step over {n} steps")
             task.wrapper.remove_hooks()
             del task
     first = next(iter(rows.values()))
-    say("\n| draft_walk_steps | walk | chunk passes | s/step | tokens/s | ratio | peak |\n"
-        "|---|---|---|---|---|---|---|")
-    for (g, walk, passes), (s, tps, peak) in rows.items():
-        say(f"| {g} | {walk} | {passes} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | {peak:.1f} GiB |")
+    say("\n| draft_walk_steps | walk | chunk passes | prefix pass | s/step | tokens/s | ratio | peak |\n"
+        "|---|---|---|---|---|---|---|---|")
+    for (g, walk, passes, reuse), (s, tps, peak) in rows.items():
+        say(f"| {g} | {walk} | {passes} | {reuse} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | {peak:.1f} GiB |")
     return rows
 
 
@@ -404,6 +410,8 @@ def main() -> None:
                     help="time each draft_walk_steps setting with the eager and the CUDA-graphed walk")
     ap.add_argument("--compare-chunk-graph", action="store_true",
                     help="time each draft_walk_steps setting with the eager and the CUDA-graphed chunk passes")
+    ap.add_argument("--compare-prefix-reuse", action="store_true",
+                    help="time each draft_walk_steps above 1 also with each step running its own prefix pass")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
     ap.add_argument("--device-busy", action="store_true",
                     help="profile each section (and the vanilla step) once more: device busy time, launches, syncs")
@@ -451,12 +459,12 @@ def main() -> None:
             no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
             say(f"phase A / vanilla tokens/s = {t_van / total:.2f}; phase A without the drafting walk: "
                 f"{tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
-    if args.walk_steps or args.compare_graph or args.compare_chunk_graph:
+    if args.walk_steps or args.compare_graph or args.compare_chunk_graph or args.compare_prefix_reuse:
         rows = walk_comparison(base, args)
         if not args.no_vanilla:
-            for (steps, walk, passes), (_, tps, _) in rows.items():
-                say(f"phase A at draft_walk_steps {steps}, {walk} walk, {passes} chunk passes / vanilla tokens/s = "
-                    f"{tps / (tokens / t_van):.2f}")
+            for (steps, walk, passes, reuse), (_, tps, _) in rows.items():
+                say(f"phase A at draft_walk_steps {steps}, {walk} walk, {passes} chunk passes, {reuse} prefix pass / "
+                    f"vanilla tokens/s = {tps / (tokens / t_van):.2f}")
     if args.device_busy and args.walk_steps:
         for g in [int(x) for x in args.walk_steps.split(",")]:
             group_profile(base, args, g)

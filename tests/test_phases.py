@@ -323,8 +323,10 @@ def test_l2_pull_keeps_no_copy_for_backward_and_matches_autograds_form(monkeypat
 def test_draft_walk_groups_build_the_chunks_each_micro_batch_builds_alone(stages, rank, world):
     """draft_walk_steps = 3, 2 micro-batches per step: every micro-batch of a group gets the chunk its own walk would
     build at the group's prefix length (same modes, same sampling noise, also as one process's rows of a global
-    batch), and a group's micro-batches share the prefix length drawn for its first."""
+    batch) and, from the walk's prefix pass, the cache and last logits its own prefix pass would give; a group's
+    micro-batches share the prefix length drawn for its first."""
     from rkl.data.chunks import SAMPLE
+    from rkl.model.cache import cache_tensors, restore_cache
     from rkl.model.drafts import Noise, build_chunk
     from rkl.train.refine_phases import RefineTask
 
@@ -336,17 +338,49 @@ def test_draft_walk_groups_build_the_chunks_each_micro_batch_builds_alone(stages
     lengths, sampled = [], 0
     for step in range(5):
         for micro in range(2):
-            prefix_len, chunk = task.drafted(step, micro)
-            batch, modes, gen, mine, *_ = task.micro_batch(step, micro, prefix_len)
+            walked = task.drafted(step, micro)
+            batch, modes, gen, mine, *_ = task.micro_batch(step, micro, walked.prefix_len)
             snap, prev = wrapper.prepare_prefix(batch.prefix_ids)
             alone = build_chunk(wrapper, snap, prev, batch.chunk_ids, modes[mine], noise=[Noise(gen, modes, mine)])
-            assert torch.equal(chunk, alone), (step, micro)
-            lengths.append(prefix_len)
+            assert torch.equal(walked.chunk, alone), (step, micro)
+            # the step starts from its rows of the walk's prefix pass: what its own prefix pass gives (up to float
+            # rounding: a matmul over more rows may sum in another order)
+            assert walked.snapshot.seq_length == batch.prefix_ids.shape[1]
+            torch.testing.assert_close(walked.prev_logits, prev, rtol=1e-5, atol=1e-6)
+            ours, theirs = (cache_tensors(restore_cache(x)) for x in (walked.snapshot, snap))
+            assert [n for n, _ in ours] == [n for n, _ in theirs]
+            for (name, x), (_, y) in zip(ours, theirs):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{name} at {(step, micro)}")
+            lengths.append(walked.prefix_len)
             sampled += int((modes[mine] == SAMPLE).sum())
     assert sampled > 0  # the noise of sampled positions is part of what is compared
     first = [task.micro_batch(s, 0)[0].prefix_ids.shape[1] for s in (0, 3)]
     assert lengths == [first[0]] * 6 + [first[1]] * 4 and first[0] != first[1]
     assert not task.walked  # each chunk is handed out once
+
+
+def test_draft_walk_groups_run_one_prefix_pass_a_group(stages):
+    """With draft_walk_steps = 3, the steps of a group start from the walk's prefix pass: 2 groups of 5 steps x 2
+    micro-batches run 2 prefix passes (one per walk), not one per micro-batch on top; and a micro-batch's loss
+    equals what its own prefix pass gives, up to float rounding."""
+    from rkl.train.losses import total_loss
+    from rkl.train.refine_phases import RefineTask
+
+    config = RecursiveConfig(**{**REFINE, "batch_size": 2, "grad_accum": 2, "draft_walk_steps": 3, "steps": 5,
+                                "seq_len": 40})
+    wrapper, tokenizer, _ = load_model_with_config(stages / "after_surgery", config=config)
+    stream = torch.arange(3, 3000) * 7 % 200 + 3
+    task = RefineTask(wrapper, tokenizer, config, stream, stream, torch.device("cpu"), "a", {})
+    passes, prepare = [], wrapper.prepare_prefix
+    wrapper.prepare_prefix = lambda ids, *a, **kw: passes.append(ids.shape[0]) or prepare(ids, *a, **kw)
+    losses = [float(task.loss(step, micro)[0].detach()) for step in range(5) for micro in range(2)]
+    assert passes == [2 * 2 * 3, 2 * 2 * 2]  # rows of each group's walk: batch x micro-batches x its steps
+    # the same micro-batch with its own prefix pass (and the chunk its walk built)
+    task.walked = {}
+    walked = task.drafted(4, 1)
+    batch, modes, gen, mine, *_ = task.micro_batch(4, 1, walked.prefix_len)
+    own, *_ = task.losses_on(batch, modes[mine], gen, chunk_in=walked.chunk)
+    assert abs(float(total_loss(own, config)) - losses[-1]) < 1e-5 * abs(losses[-1])
 
 
 def test_validation_walks_both_kinds_of_chunk_together_with_the_same_numbers(stages):

@@ -153,6 +153,22 @@ def restore_cache(snapshot: CacheSnapshot, grad_friendly: bool = False) -> Cache
     return cache
 
 
+def snapshot_rows(snapshot: CacheSnapshot, rows: slice) -> CacheSnapshot:
+    """The snapshot of `rows` of a batch: every per-row tensor sliced along its batch dimension (views; a row's
+    values do not depend on the other rows'). Lets several batches walked as one share that walk's prefix pass."""
+    def cut(value: Any) -> Any:
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value[rows]
+        if isinstance(value, dict):
+            return {k: cut(t) if torch.is_tensor(t) else t for k, t in value.items()}
+        return value
+
+    layers = [(cls, {name: cut(value) if name in ("keys", "values", *_STATE_DICTS) else value
+                     for name, value in attrs.items()}) for cls, attrs in snapshot.layers]
+    return CacheSnapshot(cache_cls=snapshot.cache_cls, cache_attrs=dict(snapshot.cache_attrs), layers=layers,
+                         seq_length=snapshot.seq_length, meta=dict(snapshot.meta))
+
+
 def new_cache(config: Any, grad_friendly: bool = False) -> DynamicCache:
     """An empty cache for `config` (what generate builds), optionally with the assigning KDA layers."""
     cache = DynamicCache(config=config.get_text_config(decoder=True))

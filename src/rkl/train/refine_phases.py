@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -23,6 +23,7 @@ from rkl.data.chunks import TRUE, ChunkBatch, chunk_batch, chunk_modes, schedule
 from rkl.data.corpora import describe_source
 from rkl.data.packing import step_generator as packing_generator
 from rkl.errors import UserError
+from rkl.model.cache import CacheSnapshot, snapshot_rows
 from rkl.model.surgery import SURGERY_FILE, find_base, load_model_with_config, save_sidecar, write_base_reference
 from rkl.model.base import load_base
 from rkl.model.drafts import Noise, build_chunk
@@ -41,6 +42,14 @@ from rkl.train.sharding import (device_mesh, fill_from_first, fsdp_requested, fu
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return packing_generator(seed, step, f"corrupt:{micro}")
+
+
+class WalkedChunk(NamedTuple):
+    """One micro-batch's share of its group's walk (RefineTask.drafted)."""
+    prefix_len: int
+    chunk: torch.Tensor  # [B, W] the training chunk
+    snapshot: CacheSnapshot  # its rows of the walk's prefix cache
+    prev_logits: torch.Tensor  # [B, V] its rows of the logits at the last prefix position
 
 
 def prefix_range(config: RecursiveConfig) -> tuple[int, int]:
@@ -63,7 +72,7 @@ class RefineTask:
         self.lora_params = apply_lora(base, config) if config.lora_rank > 0 else []
         self.unfrozen = unfreeze(base, config) if config.unfreeze_every > 0 else {}
         self.reference, self.drift = {}, None
-        self.walked: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (step, micro) -> drafted() of its group
+        self.walked: dict[tuple[int, int], WalkedChunk] = {}  # (step, micro) -> drafted() of its group
         # A graph replays what its capture ran: only the base it was built and measured for gets one, frozen (no
         # LoRA, no unfrozen layers) and unsharded (FSDP all-gathers each layer in Python hooks, which cannot replay).
         frozen = not self.lora_params and not self.unfrozen and not any(is_sharded(p) for p in base.parameters())
@@ -124,13 +133,10 @@ class RefineTask:
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        if c.draft_walk_steps > 1:
-            prefix_len, chunk_in = self.drafted(step, micro)
-        else:
-            prefix_len = chunk_in = None
-        batch, modes, gen, mine, rate, share = self.micro_batch(step, micro, prefix_len)
-        terms, stats, _ = self.losses_on(batch, modes[mine], gen, noise=[Noise(gen, modes, mine)], chunk_in=chunk_in,
-                                         across_processes=self.world > 1)
+        walked = self.drafted(step, micro) if c.draft_walk_steps > 1 else None
+        batch, modes, gen, mine, rate, share = self.micro_batch(step, micro, walked.prefix_len if walked else None)
+        terms, stats, _ = self.losses_on(batch, modes[mine], gen, noise=[Noise(gen, modes, mine)],
+                                         walked=walked, across_processes=self.world > 1)
         loss = total_loss(terms, c)
         if self.unfrozen and c.l2_to_pretrained > 0:
             l2 = l2_to_pretrained(self.unfrozen, self.reference)
@@ -158,11 +164,13 @@ class RefineTask:
         batch = ChunkBatch(batch.prefix_ids[mine], batch.chunk_ids[mine], batch.chunk_valid[mine])
         return batch, modes, gen, mine, rate, share
 
-    def drafted(self, step: int, micro: int) -> tuple[int, torch.Tensor]:
-        """(prefix length, this micro-batch's training chunk), built in one walk with every micro-batch of the
-        draft_walk_steps steps of its group (the base is frozen in phase A, so when a chunk is built does not change
-        it). The group's micro-batches share its first one's prefix length (a walk needs one); each keeps its own
-        chunk positions, modes and sampling noise. A resumed run rebuilds the group it resumes in, the same way."""
+    def drafted(self, step: int, micro: int) -> WalkedChunk:
+        """This micro-batch's training chunk, built in one walk with every micro-batch of the draft_walk_steps steps
+        of its group (the base is frozen in phase A, so when a chunk is built does not change it), and its rows of
+        the walk's prefix pass, which its inner steps start from (so a step runs no prefix pass of its own; the
+        group's prefix cache stays in memory until its last step). The group's micro-batches share its first one's
+        prefix length (a walk needs one); each keeps its own chunk positions, modes and sampling noise. A resumed
+        run rebuilds the group it resumes in, the same way."""
         key = (step, micro)
         if key not in self.walked:
             c = self.config
@@ -179,20 +187,23 @@ class RefineTask:
                 snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
                 chunks = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, noise=noise,
                                      decoder=self.decoder)
-            del snapshot
-            self.walked = {k: (prefix_len, chunk) for k, chunk in zip(members, chunks.split(c.batch_size))}
+            rows = [slice(i * c.batch_size, (i + 1) * c.batch_size) for i in range(len(members))]
+            self.walked = {k: WalkedChunk(prefix_len, chunks[r], snapshot_rows(snapshot, r), prev_logits[r])
+                           for k, r in zip(members, rows)}
         return self.walked.pop(key)
 
     def losses_on(self, batch: ChunkBatch, modes: torch.Tensor, gen: torch.Generator,
                   max_inner_steps: int | None = None, noise: list[Noise] | None = None,
-                  chunk_in: torch.Tensor | None = None, across_processes: bool = False):
+                  chunk_in: torch.Tensor | None = None, walked: WalkedChunk | None = None,
+                  across_processes: bool = False):
         """Build the chunk (`modes`, from the prefix's snapshot), run K inner steps over it, compute the losses.
 
         Every position is editable and tokens change under the exact edit rule of generation. The targets enter the
         chunk only at TRUE positions, which are never loss positions (the leakage rule), and the losses: the chunk's
         valid positions (up to its true EOS) decide only where losses are taken, never what the sidecar reads or
         may edit. noise: where the sampling noise comes from (rkl.model.drafts.Noise: the global batch's, when the
-        batch is a slice of one); chunk_in: the chunk, built already (draft_walk_steps). across_processes: the batch
+        batch is a slice of one); chunk_in: the chunk, built already; walked: the chunk and the prefix's cache, both
+        from a group's walk (draft_walk_steps), so no prefix pass runs here. across_processes: the batch
         is this process's slice of a global batch (data parallel): its token-level means divide by the global
         batch's counts (shared by an all-reduce), as one process holding the whole batch would. Returns (terms,
         stats, RefineResult)."""
@@ -202,7 +213,10 @@ class RefineTask:
         modes = modes.to(self.device)
         loss_mask = valid & (modes != TRUE)
         with torch.no_grad():
-            snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
+            if walked is not None:
+                snapshot, prev_logits, chunk_in = walked.snapshot, walked.prev_logits, walked.chunk
+            else:
+                snapshot, prev_logits = self.wrapper.prepare_prefix(prefix)
             if chunk_in is None:
                 chunk_in = build_chunk(self.wrapper, snapshot, prev_logits, targets, modes, gen, noise=noise,
                                        decoder=self.decoder)
