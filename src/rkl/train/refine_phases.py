@@ -173,6 +173,9 @@ class RefineTask:
         run rebuilds the group it resumes in, the same way."""
         key = (step, micro)
         if key not in self.walked:
+            # what a resumed run's group left unused (the steps before the one it resumed at) holds that group's
+            # prefix cache: let it go before this walk, not after
+            self.walked.clear()
             c = self.config
             first = step - step % c.draft_walk_steps
             members = [(s, m) for s in range(first, min(first + c.draft_walk_steps, c.steps))
