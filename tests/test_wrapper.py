@@ -77,6 +77,48 @@ def test_refine_cell_zero_init(cell_type):
     assert torch.equal(h + d, h)
 
 
+@pytest.mark.parametrize("cell_type", ["pooled", "per_token", "chunk_attention"])
+def test_cell_group_equals_each_cell_on_its_own(cell_type):
+    """CellGroup runs the layers' cells together (parameters stacked over the layers, one batched operation each):
+    deltas, states over two updates (with padding) and every parameter's gradient equal each cell's own, to float
+    rounding; zero output projections still give exactly zero deltas."""
+    from rkl.model.refine import CellGroup
+
+    torch.manual_seed(0)
+    cells = [RefineCell(24, d_state=8, gate_hidden=16, cell_type=cell_type) for _ in range(3)]
+    group = CellGroup(cells)
+    assert group.stacked
+    assert all(torch.count_nonzero(d) == 0 for d in group.deltas(group.update([torch.randn(2, 5, 24)] * 3, None,
+                                                                             None)))
+    for c in cells:  # trained cells: non-zero output projections
+        torch.nn.init.normal_(c.out_proj.weight)
+        torch.nn.init.normal_(c.out_proj.bias)
+    hiddens = [[torch.randn(2, 5, 24) for _ in cells] for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    results = []
+    for run in ("together", "alone"):
+        states, out = None, []
+        for step, hs in enumerate(hiddens):
+            m = mask if step else None
+            if run == "together":
+                states = CellGroup(cells).update(hs, m, states)
+                out += CellGroup(cells).deltas(states)
+            else:
+                states = [c.update(h, m, s) for c, h, s in zip(cells, hs, states or [None] * 3)]
+                out += [c.delta(s) for c, s in zip(cells, states)]
+        sum(d.square().sum() for d in out).backward()
+        grads = {f"{i}.{n}": p.grad.clone() for i, c in enumerate(cells) for n, p in c.named_parameters()}
+        for c in cells:
+            c.zero_grad(set_to_none=True)
+        results.append((out, grads))
+    (together, g_together), (alone, g_alone) = results
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert g_together.keys() == g_alone.keys()
+    for name in g_alone:
+        torch.testing.assert_close(g_together[name], g_alone[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_boundary_and_latent_init():
     head = BoundaryHead(96, gate_hidden=16)
     commit = head(torch.randn(3, 96))
@@ -347,19 +389,22 @@ def test_mixed_sidecar_and_base_dtypes_never_crash():
     assert {p.dtype for p in w.parameters()} == {torch.bfloat16}
 
 
-def test_gradients_flow_through_the_recurrent_state_across_steps(bases):
+def test_gradients_flow_through_the_recurrent_state_across_steps(bases, monkeypatch):
     """The step-1 update's parameters get gradient through every later step: detaching the cell state between
     steps changes their gradients (so the K-step backward really runs through the recurrence)."""
+    from rkl.model.refine import CellGroup
+
     base = bases["float32"]
     for p in base.parameters():
         p.requires_grad_(False)
     grads = {}
+    update = CellGroup.update
     for detach in (False, True):
         w = wrap(base, max_inner_steps=4, refine_cell_type="chunk_attention")
         randomize_outputs(w, std=0.3)
         if detach:
-            for cell in w.refine_cells.values():
-                cell.update = (lambda f: lambda h, m, s: f(h, m, None if s is None else s.detach()))(cell.update)
+            monkeypatch.setattr(CellGroup, "update", lambda self, h, m, s: update(
+                self, h, m, None if s is None else s.detach()))
         *_, snap, prev, chunk, full_mask, editable = chunk_setup(w)
         res = w.refine_chunk(chunk, snap, prev, editable, attention_mask=full_mask)
         F.cross_entropy(res.logits[-1].flatten(0, 1), torch.roll(chunk, 1, dims=1).flatten()).backward()

@@ -106,3 +106,99 @@ class RefineCell(nn.Module):
         if mask is not None:
             new = torch.where(mask.bool().unsqueeze(-1), new, prev)
         return new
+
+
+class CellGroup:
+    """The refine cells of the refined layers, run together: `deltas(states)` and `update(hiddens, mask, states)`
+    for all of them at once, each the same as every cell's own delta / update (to float rounding).
+
+    Why: the cells are small, so one after another each costs its few dozen kernel launches, not its arithmetic; in
+    phase A on a GPU they were most of what was left outside the chunk passes' CUDA graphs (docs/benchmarks.md). Where
+    every cell sits on one device, their parameters are stacked over the layers (once per chunk: gradients flow back
+    to each cell's own) and each operation runs once for all layers (batched matmuls, one attention, one GRU); the
+    states are then one tensor [L, ...]. Cells on several devices (a base spread over GPUs) run one by one, and the
+    states are a list. The GRU is written out (PyTorch's GRUCell formula), as no batched GRU cell takes per-layer
+    weights. Zero output projections still give exactly zero deltas.
+    """
+
+    def __init__(self, cells: list[RefineCell]) -> None:
+        self.cells = cells
+        first = cells[0]
+        params = [dict(c.named_parameters()) for c in cells]
+        self.stacked = len({p.device for c in params for p in c.values()}) == 1
+        if self.stacked:
+            self.w = {name: torch.stack([p[name] for p in params]) for name in params[0]}
+            self.cell_type, self.d_state, self.eps = first.cell_type, first.d_state, first.norm.eps
+            self.heads = getattr(first, "heads", 1)
+
+    def deltas(self, states) -> list[torch.Tensor | None]:
+        """Each layer's delta ([B, 1, H] pooled, else [B, W, H]); None before step 1 (states None)."""
+        if states is None:
+            return [None] * len(self.cells)
+        if not self.stacked:
+            return [cell.delta(s) for cell, s in zip(self.cells, states)]
+        d = _linear(states, self.w["out_proj.weight"], self.w["out_proj.bias"])
+        return list((d.unsqueeze(2) if self.cell_type == "pooled" else d).unbind(0))
+
+    def update(self, hiddens: list[torch.Tensor], mask: torch.Tensor | None, states):
+        """The next states from each layer's hidden states at the chunk positions (RefineCell.update per layer)."""
+        if not self.stacked:
+            return [cell.update(h, mask, s) for cell, h, s in
+                    zip(self.cells, hiddens, states if states is not None else [None] * len(self.cells))]
+        w = self.w
+        hidden = torch.stack(hiddens).to(w["out_proj.weight"].dtype)  # [L, B, W, H]
+        if self.cell_type == "pooled":
+            if mask is None:
+                hidden = hidden.mean(dim=2)
+            else:
+                m = mask.to(hidden.dtype).unsqueeze(-1)
+                hidden = (hidden * m).sum(dim=2) / m.sum(dim=1).clamp_min(1.0)
+        x = F.layer_norm(hidden, hidden.shape[-1:], eps=self.eps)
+        x = x * _per_layer(w["norm.weight"], x) + _per_layer(w["norm.bias"], x)
+        x = F.gelu(_linear(x, w["inp.0.weight"], w["inp.0.bias"]))
+        if self.cell_type == "chunk_attention":
+            x = x + self._attend(x, mask)
+        if self.cell_type == "pooled":
+            prev = x.new_zeros(*x.shape[:2], self.d_state) if states is None else states
+            return self._gru(x, prev)
+        prev = hidden.new_zeros(*hidden.shape[:3], self.d_state) if states is None else states
+        new = self._gru(x, prev)
+        if mask is not None:
+            new = torch.where(mask.bool().unsqueeze(-1), new, prev)
+        return new
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """RefineCell._attend for every layer at once: [L, B, W, g] -> [L, B, W, g]."""
+        n_layers, b, w, g = x.shape
+        qkv = _linear(x, self.w["qkv.weight"], self.w["qkv.bias"])
+        q, k, v = qkv.view(n_layers * b, w, 3, self.heads, g // self.heads).permute(2, 0, 3, 1, 4)
+        keys = None
+        if mask is not None:
+            valid = mask.bool() | ~mask.bool().any(-1, keepdim=True)
+            keys = valid[:, None, None, :].repeat(n_layers, 1, 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        out = out.transpose(1, 2).reshape(n_layers, b, w, g)
+        return _linear(out, self.w["mix.weight"], self.w["mix.bias"])
+
+    def _gru(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """torch.nn.GRUCell's update for every layer at once, with each layer's weights."""
+        gi = _linear(x, self.w["gru.weight_ih"], self.w["gru.bias_ih"])
+        gh = _linear(h, self.w["gru.weight_hh"], self.w["gru.bias_hh"])
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [L, ..., in] times each layer's weight [L, out, in] plus its bias [L, out]: [L, ..., out], one batched matmul."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def _per_layer(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-layer vector [L, H] shaped to broadcast over `like` [L, ..., H]."""
+    return t.view(t.shape[0], *([1] * (like.dim() - 2)), t.shape[-1])

@@ -63,7 +63,7 @@ from rkl.errors import UserError
 from rkl.model.boundary import BoundaryHead
 from rkl.model.cache import CacheSnapshot, new_cache, restore_cache, snapshot_cache
 from rkl.model.latent import LatentToken
-from rkl.model.refine import RefineCell
+from rkl.model.refine import CellGroup, RefineCell
 from rkl.model.static_chunk import StaticChunkPasses
 
 EDIT_RULES = ("vs_first_step", "argmax")
@@ -419,7 +419,8 @@ class ChunkRefineWrapper(nn.Module):
         prev = prev_logits.to(torch.float32)
         draft = chunk_ids
         tokens = chunk_ids
-        states: dict[int, torch.Tensor | None] = {i: None for i in self.layers_to_refine}
+        cells = CellGroup([self.refine_cells[str(i)] for i in self.layers_to_refine])
+        states = None  # the cells' states, None before step 1 (CellGroup: one tensor, or a list by layer)
         probs: torch.Tensor | None = None
         first_argmax: torch.Tensor | None = None
         cache = None
@@ -430,7 +431,7 @@ class ChunkRefineWrapper(nn.Module):
             if soft and probs is not None:
                 soft_x = (probs.to(embed.weight.dtype) @ embed.weight).to(x.dtype)
                 x = torch.where(editable.unsqueeze(-1), soft_x, x)
-            deltas = {i: self.refine_cells[str(i)].delta(states[i]) for i in self.layers_to_refine}
+            delta_list = cells.deltas(states)
             if policy == "reset_all":
                 x = torch.cat([embed(prefix_ids), x], 1)
                 mask, pos, start = attention_mask, pos_all, p_len
@@ -471,7 +472,6 @@ class ChunkRefineWrapper(nn.Module):
                     h_text, layer_hidden = h_text.clone(), tuple(h.clone() for h in layer_hidden)
                 return h_text, z_hidden, layer_hidden, cache if policy == "keep_all" else None
 
-            delta_list = [deltas[i] for i in self.layers_to_refine]
             if static and t == 0:
                 static_step = chunk_passes.start(self, snapshot, k_steps, w, x)
             if static_step is not None:
@@ -485,7 +485,6 @@ class ChunkRefineWrapper(nn.Module):
                     step_forward, x, *delta_list, use_reentrant=False)
             else:
                 h_text, z_hidden, layer_hidden, cache = step_forward(x, *delta_list)
-            hidden_by_layer = dict(zip(self.layers_to_refine, layer_hidden))
             chunk_logits = lm_head(h_text[:, : w - 1].to(lm_head.weight.device)).to(torch.float32)
             aligned = torch.cat([prev.unsqueeze(1).to(chunk_logits.device), chunk_logits], 1)
             summary = z_hidden if use_z else h_text[torch.arange(b, device=dev), last_valid]
@@ -518,8 +517,7 @@ class ChunkRefineWrapper(nn.Module):
             tokens = torch.where(change, argmax, draft)
             result.tokens.append(tokens)
             if t + 1 < k_steps:
-                for i in self.layers_to_refine:
-                    states[i] = self.refine_cells[str(i)].update(hidden_by_layer[i], chunk_mask, states[i])
+                states = cells.update(list(layer_hidden), chunk_mask, states)
                 if soft:
                     probs = torch.softmax(aligned, dim=-1)
         result.final_tokens = result.tokens[-1]
