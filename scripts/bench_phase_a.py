@@ -215,10 +215,30 @@ def decode_step(base, batch: int, prefix: int, device: torch.device) -> float:
     return statistics.median(times[1:])
 
 
-def walk_comparison(base, args) -> dict[tuple[int, str, str, str], tuple[float, float, float]]:
+@contextlib.contextmanager
+def cells_one_by_one(on: bool):
+    """With on: the refine cells run one after another (CellGroup's path for cells on several devices), as before
+    they ran together."""
+    from rkl.model.refine import CellGroup
+
+    init = CellGroup.__init__
+
+    def one_by_one(self, cells):
+        init(self, cells)
+        self.stacked = False
+
+    CellGroup.__init__ = one_by_one if on else init
+    try:
+        yield
+    finally:
+        CellGroup.__init__ = init
+
+
+def walk_comparison(base, args) -> dict[tuple[int, str, str, str, str], tuple[float, float, float]]:
     """The step as the training loop runs it, with draft_walk_steps 1 and each G of --walk-steps (and with
     --compare-graph each eagerly and with the CUDA-graphed walk; with --compare-prefix-reuse each G above 1 also with
-    every step running its own prefix pass, as before it reused the walk's), over the steps of one group (8 steps for 1, whose
+    every step running its own prefix pass, as before it reused the walk's; with --compare-cells each also with the
+    refine cells run one by one), over the steps of one group (8 steps for 1, whose
     steps all cost the same): each setting runs them twice, and the second pass, which meets no new shape, is timed.
     Every step is held at the prefix length of step 0 (each group's first), so all see the same shapes."""
     groups = [int(g) for g in args.walk_steps.split(",")] if args.walk_steps else []
@@ -226,38 +246,43 @@ def walk_comparison(base, args) -> dict[tuple[int, str, str, str], tuple[float, 
     on_gpu = torch.cuda.is_available()
     settings = ([(False, True), (True, True)] if args.compare_graph and on_gpu
                 else [(True, False), (True, True)] if args.compare_chunk_graph and on_gpu else [(True, True)])
+    cell_modes = ("one by one", "together") if args.compare_cells else ("together",)
     rows = {}
-    for g, reuse in [(1, "own"), *((g, r) for g in groups
-                                   for r in (("own", "walk's") if args.compare_prefix_reuse else ("walk's",)))]:
+    for g, reuse, cells in [(g, r, c) for g, r in [(1, "own"), *(
+            (g, r) for g in groups for r in (("own", "walk's") if args.compare_prefix_reuse else ("walk's",)))]
+            for c in cell_modes]:
         for graph, chunk_graph in settings:
-            task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph,
-                                chunk_graph=chunk_graph)
-            if g > 1 and reuse == "own":  # the walk's chunk, but the step's own prefix pass
-                losses_on = task.losses_on
-                task.losses_on = (lambda *a, walked=None, losses_on=losses_on, **kw:
-                                  losses_on(*a, chunk_in=walked.chunk, **kw))
-            if g == 1:
-                drawn = task.micro_batch
-                group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
-                task.micro_batch = (lambda step, micro, prefix_len=None, drawn=drawn, p=group_prefix:
-                                    drawn(step, micro, p))
-            n = g if g > 1 else 8
-            for timed in (False, True):
-                if timed and task.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                runs = [loop_step(task, s) for s in range(n)]
-            peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
-            secs = sum(s for s, _ in runs)
-            rows[g, task.draft_walk, task.chunk_pass_mode, reuse] = (secs / n, sum(t for _, t in runs) / secs, peak)
-            say(f"  draft_walk_steps {g}, {task.draft_walk} walk, {task.chunk_pass_mode} chunk passes, {reuse} prefix "
-                f"pass: {secs / n:.3f} s/step over {n} steps")
-            task.wrapper.remove_hooks()
-            del task
+            with cells_one_by_one(cells == "one by one"):
+                task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph,
+                                    chunk_graph=chunk_graph)
+                if g > 1 and reuse == "own":  # the walk's chunk, but the step's own prefix pass
+                    losses_on = task.losses_on
+                    task.losses_on = (lambda *a, walked=None, losses_on=losses_on, **kw:
+                                      losses_on(*a, chunk_in=walked.chunk, **kw))
+                if g == 1:
+                    drawn = task.micro_batch
+                    group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]
+                    task.micro_batch = (lambda step, micro, prefix_len=None, drawn=drawn, p=group_prefix:
+                                        drawn(step, micro, p))
+                n = g if g > 1 else 8
+                for timed in (False, True):
+                    if timed and task.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    runs = [loop_step(task, s) for s in range(n)]
+                peak = torch.cuda.max_memory_allocated() / 2**30 if task.device.type == "cuda" else float("nan")
+                secs = sum(s for s, _ in runs)
+                rows[g, task.draft_walk, task.chunk_pass_mode, reuse, cells] = (
+                    secs / n, sum(t for _, t in runs) / secs, peak)
+                say(f"  draft_walk_steps {g}, {task.draft_walk} walk, {task.chunk_pass_mode} chunk passes, {reuse} "
+                    f"prefix pass, cells {cells}: {secs / n:.3f} s/step over {n} steps")
+                task.wrapper.remove_hooks()
+                del task
     first = next(iter(rows.values()))
-    say("\n| draft_walk_steps | walk | chunk passes | prefix pass | s/step | tokens/s | ratio | peak |\n"
-        "|---|---|---|---|---|---|---|---|")
-    for (g, walk, passes, reuse), (s, tps, peak) in rows.items():
-        say(f"| {g} | {walk} | {passes} | {reuse} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | {peak:.1f} GiB |")
+    say("\n| draft_walk_steps | walk | chunk passes | prefix pass | cells | s/step | tokens/s | ratio | peak |\n"
+        "|---|---|---|---|---|---|---|---|---|")
+    for (g, walk, passes, reuse, cells), (s, tps, peak) in rows.items():
+        say(f"| {g} | {walk} | {passes} | {reuse} | {cells} | {s:.3f} | {tps:,.0f} | {tps / first[1]:.2f}x | "
+            f"{peak:.1f} GiB |")
     return rows
 
 
@@ -412,6 +437,8 @@ def main() -> None:
                     help="time each draft_walk_steps setting with the eager and the CUDA-graphed chunk passes")
     ap.add_argument("--compare-prefix-reuse", action="store_true",
                     help="time each draft_walk_steps above 1 also with each step running its own prefix pass")
+    ap.add_argument("--compare-cells", action="store_true",
+                    help="time each setting also with the refine cells run one by one (as before CellGroup)")
     ap.add_argument("--no-sections", action="store_true", help="skip the timed sections of one step")
     ap.add_argument("--device-busy", action="store_true",
                     help="profile each section (and the vanilla step) once more: device busy time, launches, syncs")
@@ -459,12 +486,13 @@ def main() -> None:
             no_draft = total - parts[f"build chunk ({args.width - 1} decode steps)"]
             say(f"phase A / vanilla tokens/s = {t_van / total:.2f}; phase A without the drafting walk: "
                 f"{tokens / no_draft:,.0f} tokens/s = {t_van / no_draft:.2f} of vanilla")
-    if args.walk_steps or args.compare_graph or args.compare_chunk_graph or args.compare_prefix_reuse:
+    if args.walk_steps or args.compare_graph or args.compare_chunk_graph or args.compare_prefix_reuse or \
+            args.compare_cells:
         rows = walk_comparison(base, args)
         if not args.no_vanilla:
-            for (steps, walk, passes, reuse), (_, tps, _) in rows.items():
-                say(f"phase A at draft_walk_steps {steps}, {walk} walk, {passes} chunk passes, {reuse} prefix pass / "
-                    f"vanilla tokens/s = {tps / (tokens / t_van):.2f}")
+            for (steps, walk, passes, reuse, cells), (_, tps, _) in rows.items():
+                say(f"phase A at draft_walk_steps {steps}, {walk} walk, {passes} chunk passes, {reuse} prefix pass, "
+                    f"cells {cells} / vanilla tokens/s = {tps / (tokens / t_van):.2f}")
     if args.device_busy and args.walk_steps:
         for g in [int(x) for x in args.walk_steps.split(",")]:
             group_profile(base, args, g)
