@@ -256,9 +256,17 @@ def walk_comparison(base, args) -> dict[tuple[int, str, str, str, str], tuple[fl
                 task = phase_a_task(base, args, args.batch, checkpointing=False, walk_steps=g, graph=graph,
                                     chunk_graph=chunk_graph)
                 if g > 1 and reuse == "own":  # the walk's chunk, but the step's own prefix pass
-                    losses_on = task.losses_on
+                    losses_on, drafted = task.losses_on, task.drafted
                     task.losses_on = (lambda *a, walked=None, losses_on=losses_on, **kw:
                                       losses_on(*a, chunk_in=walked.chunk, **kw))
+
+                    def chunk_only(step, micro, task=task, drafted=drafted):
+                        """drafted() without the walk's prefix cache, which the group then no longer holds"""
+                        walked = drafted(step, micro)
+                        task.walked = {k: w._replace(snapshot=None, prev_logits=None) for k, w in task.walked.items()}
+                        return walked._replace(snapshot=None, prev_logits=None)
+
+                    task.drafted = chunk_only
                 if g == 1:
                     drawn = task.micro_batch
                     group_prefix = drawn(0, 0)[0].prefix_ids.shape[1]

@@ -80,8 +80,9 @@ def test_refine_cell_zero_init(cell_type):
 @pytest.mark.parametrize("cell_type", ["pooled", "per_token", "chunk_attention"])
 def test_cell_group_equals_each_cell_on_its_own(cell_type):
     """CellGroup runs the layers' cells together (parameters stacked over the layers, one batched operation each):
-    deltas, states over two updates (with padding) and every parameter's gradient equal each cell's own, to float
-    rounding; zero output projections still give exactly zero deltas."""
+    deltas, states over two updates (with padding, and a row with no valid position) and every parameter's gradient
+    equal each cell's own, to float rounding, and exactly on the one-by-one path (cells on several devices); zero
+    output projections still give exactly zero deltas."""
     from rkl.model.refine import CellGroup
 
     torch.manual_seed(0)
@@ -93,30 +94,39 @@ def test_cell_group_equals_each_cell_on_its_own(cell_type):
     for c in cells:  # trained cells: non-zero output projections
         torch.nn.init.normal_(c.out_proj.weight)
         torch.nn.init.normal_(c.out_proj.bias)
-    hiddens = [[torch.randn(2, 5, 24) for _ in cells] for _ in range(2)]
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    hiddens = [[torch.randn(3, 5, 24) for _ in cells] for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])  # a row with no valid position too
+
+    def one_by_one(cells):  # CellGroup's path for cells on several devices
+        group = CellGroup(cells)
+        group.stacked = False
+        return group
+
     results = []
-    for run in ("together", "alone"):
+    for run in ("together", "alone", "one by one"):
         states, out = None, []
         for step, hs in enumerate(hiddens):
             m = mask if step else None
-            if run == "together":
-                states = CellGroup(cells).update(hs, m, states)
-                out += CellGroup(cells).deltas(states)
-            else:
+            if run == "alone":
                 states = [c.update(h, m, s) for c, h, s in zip(cells, hs, states or [None] * 3)]
                 out += [c.delta(s) for c, s in zip(cells, states)]
+            else:
+                group = CellGroup(cells) if run == "together" else one_by_one(cells)
+                states = group.update(hs, m, states)
+                out += group.deltas(states)
         sum(d.square().sum() for d in out).backward()
         grads = {f"{i}.{n}": p.grad.clone() for i, c in enumerate(cells) for n, p in c.named_parameters()}
         for c in cells:
             c.zero_grad(set_to_none=True)
         results.append((out, grads))
-    (together, g_together), (alone, g_alone) = results
-    for a, b in zip(together, alone):
+    (together, g_together), (alone, g_alone), (loop, g_loop) = results
+    for a, b, c in zip(together, alone, loop):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(c, b)  # the one-by-one path is each cell's own code
     assert g_together.keys() == g_alone.keys()
     for name in g_alone:
         torch.testing.assert_close(g_together[name], g_alone[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(g_loop[name], g_alone[name]), name
 
 
 def test_boundary_and_latent_init():
