@@ -88,12 +88,7 @@ class RefineCell(nn.Module):
         """
         hidden = hidden.to(self.out_proj.weight.dtype)
         if self.cell_type == "pooled":
-            if mask is None:
-                pooled = hidden.mean(dim=1)
-            else:
-                m = mask.to(hidden.dtype).unsqueeze(-1)
-                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-            x = self.inp(self.norm(pooled))
+            x = self.inp(self.norm(masked_mean(hidden, mask)))
             if state is None:
                 state = x.new_zeros(x.shape[0], self.d_state)
             return self.gru(x, state)
@@ -148,11 +143,7 @@ class CellGroup:
         w = self.w
         hidden = torch.stack(hiddens).to(w["out_proj.weight"].dtype)  # [L, B, W, H]
         if self.cell_type == "pooled":
-            if mask is None:
-                hidden = hidden.mean(dim=2)
-            else:
-                m = mask.to(hidden.dtype).unsqueeze(-1)
-                hidden = (hidden * m).sum(dim=2) / m.sum(dim=1).clamp_min(1.0)
+            hidden = masked_mean(hidden, mask)
         x = F.layer_norm(hidden, hidden.shape[-1:], eps=self.eps)
         x = x * _per_layer(w["norm.weight"], x) + _per_layer(w["norm.bias"], x)
         x = F.gelu(_linear(x, w["inp.0.weight"], w["inp.0.bias"]))
@@ -190,6 +181,15 @@ class CellGroup:
         z = torch.sigmoid(i_z + h_z)
         n = torch.tanh(i_n + r * h_n)
         return (1 - z) * n + z * h
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the chunk positions (dim -2) of hidden [..., B, W, H], valid positions only (mask [B, W]; None:
+    all); a row with no valid position gives zero."""
+    if mask is None:
+        return hidden.mean(dim=-2)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=-2) / m.sum(dim=-2).clamp_min(1.0)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
