@@ -425,13 +425,18 @@ def sections(base, args) -> dict[str, float]:
     return parts
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
+def add_shape_arguments(ap: argparse.ArgumentParser, preset: str) -> None:
+    """The model and the phase-A shapes a benchmark's task is built for (phase_a_task reads prefix, width, k)."""
+    ap.add_argument("--preset", default=preset)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(ap, preset="tiny")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="", help="comma-separated batch sizes for the largest-batch search")
     ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla step (a 48B base cannot train whole)")

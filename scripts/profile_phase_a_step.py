@@ -23,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench_phase_a import LAUNCHES, autocast, build_preset, loop_step, phase_a_task, say, sync, zero_grads
+from bench_phase_a import (LAUNCHES, add_shape_arguments, autocast, build_preset, loop_step, phase_a_task, say, sync,
+                           zero_grads)
 from rkl.model.static_chunk import StaticChunkPasses
 from rkl.train.refine_phases import prefix_range
 
@@ -117,11 +118,7 @@ def launches(task, step: int, top: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prefix", type=int, default=1024)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
+    add_shape_arguments(ap, preset="small")
     ap.add_argument("--walk-steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--by-source", action="store_true", help="count the forward's operators outside the passes by "
